@@ -1,0 +1,209 @@
+"""File formats and safe writes shared by every stage.
+
+- Atomic outputs: every file or folder is written under a temporary name next to its
+  destination and renamed into place only when complete, so a failed stage leaves nothing
+  half-written behind.
+- The D3 split layout (train/valid/test.csv; list columns as Python-literal strings) and
+  the catalogue (info.txt: `title<TAB>item_id`, one line per item). List columns are read
+  with `ast.literal_eval`, a literal parser: file contents are never executed.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from rere import RereError
+
+D3_COLUMNS = [
+    "user_id",
+    "item_asins",
+    "item_asin",
+    "history_item_id",
+    "item_id",
+    "history_item_title",
+    "item_title",
+    "history_rating",
+    "rating",
+    "history_timestamp",
+    "timestamp",
+]
+D3_LIST_COLUMNS = ["item_asins", "history_item_id", "history_item_title", "history_rating", "history_timestamp"]
+SPLITS = ("train", "valid", "test")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it onto `path` (file or folder).
+
+    On an exception the temporary is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RereError(f"{path} does not exist; run the stage that produces it first.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RereError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}).") from None
+
+
+def save_resolved_config(folder: str | Path, config: dict, name: str = "config.yaml") -> None:
+    """Write the resolved config next to an artifact (determinism: what produced this?)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / name, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=True, allow_unicode=True)
+
+
+def _literal(value: str, path: Path, line: int, column: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise RereError(f"{path}: line {line}: column '{column}' is not a literal list: {value[:80]!r}") from None
+
+
+def read_split(path: str | Path) -> list[dict]:
+    """Read a D3-format CSV into a list of row dicts with list columns parsed.
+
+    Errors name the file and line: a missing column, a malformed list, a non-UTF-8 byte,
+    a history whose parallel lists disagree in length, an empty history.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RereError(f"{path} does not exist; run `rere data` first.")
+    rows = []
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in D3_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise RereError(f"{path}: line 1: missing column(s) {missing}; expected the D3 layout {D3_COLUMNS}.")
+            for row in reader:
+                line = reader.line_num
+                if None in row or any(row[c] is None for c in D3_COLUMNS):
+                    raise RereError(f"{path}: line {line}: wrong number of fields.")
+                for c in D3_LIST_COLUMNS:
+                    row[c] = _literal(row[c], path, line, c)
+                    if not isinstance(row[c], list):
+                        row[c] = [row[c]]  # D3 writes a 1-element list as a bare value in places
+                try:
+                    row["item_id"] = int(row["item_id"])
+                    row["history_item_id"] = [int(x) for x in row["history_item_id"]]
+                    row["rating"] = float(row["rating"]) if row["rating"] != "" else None
+                    row["timestamp"] = int(float(row["timestamp"]))
+                    row["history_timestamp"] = [int(float(x)) for x in row["history_timestamp"]]
+                except (TypeError, ValueError) as exc:
+                    raise RereError(f"{path}: line {line}: bad number ({exc}).") from None
+                if not row["history_item_id"]:
+                    raise RereError(f"{path}: line {line}: empty history; every sample needs at least one previous item.")
+                if len(row["history_item_id"]) != len(row["history_item_title"]):
+                    raise RereError(f"{path}: line {line}: history_item_id and history_item_title differ in length.")
+                row["_line"] = line
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise RereError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason}); re-encode the file as UTF-8.") from None
+    return rows
+
+
+def write_split(path: str | Path, rows: list[dict]) -> None:
+    """Write rows in the D3 layout (list columns as Python-literal strings, like pandas does)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(D3_COLUMNS)
+        for r in rows:
+            writer.writerow([repr(r[c]) if c in D3_LIST_COLUMNS else r[c] for c in D3_COLUMNS])
+
+
+def read_catalogue(path: str | Path) -> dict[int, str]:
+    """info.txt -> {item_id: title}. Errors name the line; titles must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise RereError(f"{path} does not exist; run `rere data` first.")
+    items: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line:
+                    continue
+                title, sep, raw_id = line.rpartition("\t")
+                if not sep:
+                    raise RereError(f"{path}: line {line_no}: expected 'title<TAB>item_id'.")
+                try:
+                    item_id = int(raw_id)
+                except ValueError:
+                    raise RereError(f"{path}: line {line_no}: item id {raw_id!r} is not an integer.") from None
+                if item_id in items:
+                    raise RereError(f"{path}: line {line_no}: item id {item_id} appears twice.")
+                if title in seen:
+                    raise RereError(
+                        f"{path}: line {line_no}: title {title!r} is also item {seen[title]}; "
+                        "titles are generation targets and must be unique."
+                    )
+                items[item_id] = title
+                seen[title] = item_id
+    except UnicodeDecodeError as exc:
+        raise RereError(f"{path}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8.") from None
+    if not items:
+        raise RereError(f"{path}: the catalogue is empty.")
+    return items
+
+
+def write_catalogue(path: str | Path, items: dict[int, str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for item_id in sorted(items):
+            title = items[item_id]
+            if "\t" in title or "\n" in title:
+                raise ValueError(f"item {item_id}: title contains a tab or newline: {title!r}")
+            f.write(f"{title}\t{item_id}\n")
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise RereError(f"{path} does not exist; run the stage that produces it first.")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RereError(f"{path}: line {line_no}: not valid JSON ({exc.msg}).") from None
+    return out
