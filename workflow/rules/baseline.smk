@@ -1,0 +1,25 @@
+rule baseline:
+    input:
+        data="data/{dataset}",
+    output:
+        metrics="results/{dataset}/{method}/metrics.json",
+        predictions="results/{dataset}/{method}/predictions.jsonl",
+    log:
+        "logs/baseline/{dataset}/{method}.log",
+    benchmark:
+        "benchmarks/baseline/{dataset}/{method}.tsv"
+    wildcard_constraints:
+        method=ONE_OF["baseline"],
+    conda:
+        "../envs/rere.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        config=CONFIG_ARGS,
+        out=subpath(output.metrics, parent=True),
+        settings=[config["baselines"], config["evaluate"]],
+    shell:
+        "rere baseline {params.config} --method {wildcards.method} --data {input.data}"
+        " --out {params.out} > {log} 2>&1"

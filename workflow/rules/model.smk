@@ -1,0 +1,24 @@
+rule model:
+    input:
+        data="data/{dataset}",
+        index="index/{dataset}/index.json",
+    output:
+        directory("models/{dataset}/base"),
+    log:
+        "logs/model/{dataset}.log",
+    benchmark:
+        "benchmarks/model/{dataset}.tsv"
+    conda:
+        "../envs/rere.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    params:
+        config=CONFIG_ARGS,
+        index=subpath(input.index, parent=True),
+        settings=config["model"],
+    shell:
+        "rere model {params.config} --data {input.data} --index {params.index}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,28 @@
+rule report:
+    input:
+        metrics=expand(
+            "results/{dataset}/{method}/metrics.json",
+            dataset=DATASETS,
+            method=LLM_METHODS + BASELINES,
+        ),
+        rl_runs=expand("models/{dataset}/{variant}", dataset=DATASETS, variant=VARIANTS),
+    output:
+        table="results/table.csv",
+        markdown="results/report.md",
+        html="results/report.html",
+        figures=directory("results/figures"),
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    conda:
+        "../envs/rere.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    params:
+        config=CONFIG_ARGS,
+    shell:
+        "rere report {params.config} --results results --models models"
+        " --benchmarks benchmarks --out results > {log} 2>&1"
