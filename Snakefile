@@ -14,12 +14,14 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-# The rules hand `rere` the same files in the same order (later files override earlier ones,
-# and a later `datasets` replaces the list), and the DAG is built from what `rere` will read.
-CONFIG_FILES = ["config/config.yaml"] + [
-    os.path.relpath(f) for f in workflow.config_settings.configfiles
+# `--configfile A B` replaces the default file (later files override earlier ones; keys a
+# file leaves out take the schema's defaults). The rules hand `rere` the same files in the
+# same order, and the DAG is built from what `rere` reads, so the two cannot disagree.
+CONFIG_FILES = [os.path.relpath(f) for f in workflow.config_settings.configfiles] or [
+    "config/config.yaml"
 ]
 CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES)
+config.clear()
 config.update(load_config(CONFIG_FILES))
 validate(config, "workflow/schemas/config.schema.yaml")
 
