@@ -1,0 +1,347 @@
+"""`rere index`: how the model writes each catalogue item (its code).
+
+Two kinds (config `index.kind`):
+
+- `title`: the item's unique title in double quotes, e.g. `"Toy Story (1995)"`.
+- `sid`: a semantic ID of new tokens, one per level, e.g. `<a_12><b_201><c_7>`, from
+  residual k-means over item text embeddings: level 0 clusters the embeddings, level 1
+  clusters what is left after subtracting each item's level-0 centroid, and so on. Similar
+  items share code prefixes. Items that still share all L levels get one more token,
+  `<d_0>`, `<d_1>`, ... in item-id order, so code -> item is one-to-one.
+
+Output: index/D/index.json (format in docs/DESIGN.md) and the resolved config. Later stages
+read it with `ItemIndex.load(folder)`; its fingerprint ties every model to the index (and so
+the catalogue) it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import string
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rere import RereError
+from rere.io import atomic_path, read_catalogue, read_json, read_jsonl, save_resolved_config, write_json
+
+log = logging.getLogger(__name__)
+
+LEVEL_LETTERS = string.ascii_lowercase  # level l writes <{letter}_{code}>
+
+
+@dataclass
+class SidConfig:
+    """The `index.sid` config section (descriptions in workflow/schemas/config.schema.yaml)."""
+
+    levels: int = 3
+    codebook_size: int | str = "auto"
+    embedder: str = "tfidf"
+    embedder_model: str | None = None
+    embedding_dim: int = 64
+    kmeans_iters: int = 50
+
+    def __post_init__(self):
+        if isinstance(self.codebook_size, str) and self.codebook_size != "auto":
+            raise RereError(f"key 'index.sid.codebook_size': {self.codebook_size!r} is not 'auto' or an integer.")
+        if isinstance(self.codebook_size, int) and not 2 <= self.codebook_size <= 4096:
+            raise RereError(f"key 'index.sid.codebook_size': {self.codebook_size} is outside [2, 4096].")
+        if self.embedder == "sentence-transformers" and not self.embedder_model:
+            raise RereError(
+                "key 'index.sid.embedder_model' is required when index.sid.embedder is sentence-transformers."
+            )
+
+
+def auto_codebook_size(n_items: int, levels: int) -> int:
+    """ceil(n ** (1/levels)) rounded up to a multiple of 8, clipped to [8, 256].
+
+    >>> auto_codebook_size(1682, 3), auto_codebook_size(10, 3), auto_codebook_size(10**9, 2)
+    (16, 8, 256)
+    """
+    # Round before ceil: 4096 ** (1/3) is 16.000000000000004 in floating point.
+    k = math.ceil(round(n_items ** (1.0 / levels), 9))
+    k = 8 * math.ceil(k / 8)
+    return min(max(k, 8), 256)
+
+
+def fingerprint(kind: str, item_ids: list[int], codes: list[str]) -> str:
+    """sha256 hex over the kind and every (item_id, code), in item order."""
+    h = hashlib.sha256(kind.encode())
+    for item_id, code in zip(item_ids, codes, strict=True):
+        h.update(f"\n{item_id}\t{code}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def tfidf_embeddings(texts: list[str], dim: int, seed: int) -> np.ndarray:
+    """TF-IDF (words, sublinear tf) + truncated SVD, rows L2-normalised. (N, d), d <= dim."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    try:
+        tfidf = TfidfVectorizer(sublinear_tf=True, token_pattern=r"(?u)\b\w+\b").fit_transform(texts)  # (N, V)
+    except ValueError:
+        raise RereError(
+            "items.jsonl: the item texts contain no words to embed; check the data stage's `text` field."
+        ) from None
+    # TruncatedSVD needs fewer components than features; tiny catalogues get fewer dimensions.
+    dim = min(dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
+    if dim < 1:
+        emb = tfidf.toarray()
+    else:
+        emb = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed).fit_transform(tfidf)
+    return normalize(emb).astype(np.float64)  # (N, d)
+
+
+def sentence_embeddings(texts: list[str], model_name: str) -> np.ndarray:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise RereError(
+            "index.sid.embedder is sentence-transformers but the package is not installed; "
+            "run `pip install 'rere[embed]'` or set index.sid.embedder=tfidf."
+        ) from None
+    try:
+        model = SentenceTransformer(model_name, device="cpu")
+    except Exception as exc:  # OSError offline, ValueError for a bad folder, ...
+        raise RereError(
+            f"sentence-transformers model {model_name!r} could not be loaded ({type(exc).__name__}: {exc}); "
+            "set index.sid.embedder_model to a local folder or a reachable model name, or use embedder=tfidf."
+        ) from None
+    emb = model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=True)
+    return np.asarray(emb, dtype=np.float64)  # (N, d)
+
+
+# ---------------------------------------------------------------------------- semantic IDs
+
+
+def residual_kmeans(emb: np.ndarray, levels: int, k: int, iters: int, seed: int) -> np.ndarray:
+    """Codes (N, levels) in [0, k): level l clusters the residual left by levels < l."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    residual = emb.copy()  # (N, d)
+    codes = np.zeros((emb.shape[0], levels), dtype=np.int64)
+    for level in range(levels):
+        # Never ask for more clusters than distinct points (small or duplicated catalogues).
+        n_distinct = len(np.unique(residual.round(12), axis=0))
+        km = KMeans(n_clusters=min(k, n_distinct), n_init=3, max_iter=iters, random_state=seed + level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels = km.fit_predict(residual)  # (N,)
+        codes[:, level] = labels
+        residual = residual - km.cluster_centers_[labels]  # (N, d)
+    return codes
+
+
+def sid_codes(item_ids: list[int], code_matrix: np.ndarray, k: int) -> tuple[list[str], list[str], dict]:
+    """Code strings (collisions resolved by an extra level), the new tokens, and statistics."""
+    n, levels = code_matrix.shape
+    base = ["".join(f"<{LEVEL_LETTERS[lv]}_{c}>" for lv, c in enumerate(row)) for row in code_matrix.tolist()]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for pos in sorted(range(n), key=lambda p: item_ids[p]):
+        groups[base[pos]].append(pos)
+    extra = LEVEL_LETTERS[levels]
+    codes = list(base)
+    for members in groups.values():
+        if len(members) > 1:
+            for rank, pos in enumerate(members):  # item-id order
+                codes[pos] = base[pos] + f"<{extra}_{rank}>"
+    max_group = max(len(m) for m in groups.values())
+    new_tokens = [f"<{LEVEL_LETTERS[lv]}_{c}>" for lv in range(levels) for c in range(k)]
+    if max_group > 1:
+        new_tokens += [f"<{extra}_{r}>" for r in range(max_group)]
+    colliding = sum(len(m) for m in groups.values() if len(m) > 1)
+    stats = {
+        "items": n,
+        "levels": levels,
+        "codebook_size": k,
+        "collision_rate": colliding / n,
+        "colliding_items": colliding,
+        "distinct_codes": len(groups),
+        "max_items_per_code": max_group,
+        "code_usage": [len(np.unique(code_matrix[:, lv])) / k for lv in range(levels)],
+        "new_tokens": len(new_tokens),
+    }
+    return codes, new_tokens, stats
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+@dataclass
+class ItemIndex:
+    """index.json in memory. `items` are dicts {item_id, title, code}, sorted by item_id."""
+
+    kind: str
+    items: list[dict]
+    new_tokens: list[str]
+    stats: dict
+    fingerprint: str
+
+    @property
+    def codes(self) -> list[str]:
+        return [it["code"] for it in self.items]
+
+    @property
+    def item_ids(self) -> list[int]:
+        return [it["item_id"] for it in self.items]
+
+    @property
+    def titles(self) -> list[str]:
+        return [it["title"] for it in self.items]
+
+    @property
+    def code_to_item(self) -> dict[str, int]:
+        """code -> item_id."""
+        return {it["code"]: it["item_id"] for it in self.items}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ItemIndex:
+        path = Path(folder) / "index.json"
+        if not path.is_file():
+            raise RereError(f"{path} does not exist; run `rere index --data data/D --out {folder}` first.")
+        data = read_json(path)
+        try:
+            index = cls(
+                kind=data["kind"],
+                items=[
+                    {"item_id": int(it["item_id"]), "title": it["title"], "code": it["code"]} for it in data["items"]
+                ],
+                new_tokens=list(data.get("new_tokens", [])),
+                stats=dict(data.get("stats", {})),
+                fingerprint=data["fingerprint"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RereError(
+                f"{path}: malformed index ({type(exc).__name__}: {exc}); rebuild it with `rere index`."
+            ) from None
+        if fingerprint(index.kind, index.item_ids, index.codes) != index.fingerprint:
+            raise RereError(
+                f"{path}: the fingerprint does not match the items (edited by hand?); rebuild it with `rere index`."
+            )
+        if len(set(index.codes)) != len(index.codes):
+            raise RereError(f"{path}: two items share a code; rebuild it with `rere index`.")
+        return index
+
+    def check_catalogue(self, data_folder: str | Path) -> None:
+        """Raise RereError unless data_folder/info.txt is the catalogue this index was built from."""
+        catalogue = read_catalogue(Path(data_folder) / "info.txt")
+        if catalogue != {it["item_id"]: it["title"] for it in self.items}:
+            raise RereError(
+                f"{data_folder}/info.txt is not the catalogue this index was built from; "
+                f"rebuild the index with `rere index --data {data_folder}`."
+            )
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "items": self.items,
+            "new_tokens": self.new_tokens,
+            "stats": self.stats,
+        }
+
+
+def _read_items(data: Path) -> list[dict]:
+    """items.jsonl, checked against info.txt (the titles' source of truth)."""
+    catalogue = read_catalogue(data / "info.txt")
+    path = data / "items.jsonl"
+    records = read_jsonl(path)
+    by_id = {}
+    for line_no, rec in enumerate(records, 1):
+        if not isinstance(rec, dict) or "item_id" not in rec or "text" not in rec:
+            raise RereError(f"{path}: record {line_no}: expected keys item_id, title, text; rerun `rere data`.")
+        by_id[rec["item_id"]] = rec
+    if sorted(by_id) != sorted(catalogue):
+        missing = sorted(set(catalogue) - set(by_id))[:5]
+        raise RereError(f"{path}: items differ from info.txt (e.g. missing ids {missing}); rerun `rere data`.")
+    items = []
+    for item_id in sorted(catalogue):
+        rec = by_id[item_id]
+        if rec.get("title", catalogue[item_id]) != catalogue[item_id]:
+            raise RereError(
+                f"{path}: item {item_id}: title {rec.get('title')!r} differs from info.txt; rerun `rere data`."
+            )
+        items.append({"item_id": item_id, "title": catalogue[item_id], "text": str(rec["text"]) or catalogue[item_id]})
+    return items
+
+
+def build_index(data: str | Path, config: dict) -> ItemIndex:
+    """The index for the catalogue in `data` (a `rere data` output folder)."""
+    data = Path(data)
+    kind = config["index"]["kind"]
+    if kind == "title":
+        catalogue = read_catalogue(data / "info.txt")
+        items = [{"item_id": i, "title": catalogue[i], "code": f'"{catalogue[i]}"'} for i in sorted(catalogue)]
+        new_tokens: list[str] = []
+        stats: dict = {"items": len(items)}
+    elif kind == "sid":
+        cfg = SidConfig(**config["index"]["sid"])
+        records = _read_items(data)
+        texts = [r["text"] for r in records]
+        n = len(records)
+        k = auto_codebook_size(n, cfg.levels) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
+        log.info("embedding %d item texts with %s", n, cfg.embedder)
+        if cfg.embedder == "tfidf":
+            emb = tfidf_embeddings(texts, cfg.embedding_dim, config["seed"])
+        else:
+            emb = sentence_embeddings(texts, cfg.embedder_model)
+        log.info("residual k-means: %d levels x %d codes over %s embeddings", cfg.levels, k, emb.shape)
+        code_matrix = residual_kmeans(emb, cfg.levels, k, cfg.kmeans_iters, config["seed"])
+        item_ids = [r["item_id"] for r in records]
+        codes, new_tokens, stats = sid_codes(item_ids, code_matrix, k)
+        stats["embedder"] = cfg.embedder
+        items = [{"item_id": r["item_id"], "title": r["title"], "code": c} for r, c in zip(records, codes, strict=True)]
+    else:
+        raise RereError(f"key 'index.kind': {kind!r} is not title or sid.")
+    fp = fingerprint(kind, [it["item_id"] for it in items], [it["code"] for it in items])
+    return ItemIndex(kind=kind, items=items, new_tokens=new_tokens, stats=stats, fingerprint=fp)
+
+
+def save_index(index: ItemIndex, out: str | Path, config: dict) -> None:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        write_json(tmp / "index.json", index.to_json())
+        save_resolved_config(tmp, config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data folder written by `rere data` (info.txt, items.jsonl)")
+    parser.add_argument("--out", required=True, help="output folder, e.g. index/ml100k")
+
+
+def run(args: argparse.Namespace, config: dict) -> int:
+    index = build_index(args.data, config)
+    save_index(index, args.out, config)
+    if index.kind == "sid":
+        s = index.stats
+        log.info(
+            "sid index: %d items, codebook %d x %d levels, collision rate %.4f (%d items), max %d items per code, "
+            "code usage per level %s, %d new tokens",
+            s["items"],
+            s["codebook_size"],
+            s["levels"],
+            s["collision_rate"],
+            s["colliding_items"],
+            s["max_items_per_code"],
+            [round(u, 3) for u in s["code_usage"]],
+            s["new_tokens"],
+        )
+    log.info(
+        "wrote %s/index.json (%s, %d items, fingerprint %s)",
+        args.out,
+        index.kind,
+        len(index.items),
+        index.fingerprint[:12],
+    )
+    return 0
