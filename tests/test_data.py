@@ -1,0 +1,479 @@
+"""`rere data` on hand-made fixtures whose expected outputs are worked out by hand below.
+
+Everything is fetched over real HTTP from a loopback server (tests/fixtures/loopback_http.py);
+nothing touches the network.
+"""
+
+import calendar
+import gzip
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures.loopback_http import LoopbackServer
+
+from rere import RereError
+from rere.cli import main
+from rere.config import load_config
+from rere.data import (
+    RECBOLE_INTER,
+    RECBOLE_ITEM,
+    assign_ids,
+    build,
+    clean_amazon_title,
+    k_core,
+    read_amazon,
+    split_temporal,
+    unique_titles,
+)
+from rere.io import read_catalogue, read_jsonl, read_split
+
+# ----------------------------------------------------------------- MovieLens-like fixture
+# Raw ids are strings; "10" is listed before "2" in the file (and sorts before it as text)
+# so the (timestamp, numeric item id) tie rule is visible: user 1 rated 10 and 2 at t=100,
+# user 3 rated 3 and 2 at t=300.
+INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
+1\t10\t3\t100
+1\t2\t4\t100
+1\t1\t5\t50
+1\t5\t2\t200
+2\t3\t4\t150
+2\t1\t3\t120
+3\t3\t1\t300
+3\t2\t5\t300
+"""
+ITEMS = """item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq
+1\tToy Story\t1995\tAnimation Comedy
+2\tHeat\t1995\tAction
+3\tHeat\t1995\tDrama
+5\tLand\tV\tAnimation
+6\tNever Rated\t1990\tDrama
+10\tunkonwn\tunkonwn\tunknown
+"""
+# Ids with seed 42: random.Random(42).shuffle(["1", "2", "3", "5", "10"]) == ["5", "2", "3", "10", "1"].
+ML_IDS = {"5": 0, "2": 1, "3": 2, "10": 3, "1": 4}
+ML_TITLES = {"1": "Toy Story (1995)", "2": "Heat (1995) [2]", "3": "Heat (1995) [3]", "5": "Land (V)", "10": "unknown"}
+
+
+def _zip(members: dict[str, str | bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return buf.getvalue()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _grouplens_zip() -> bytes:
+    genres = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama"]
+    genres += [
+        "Fantasy",
+        "Film-Noir",
+        "Horror",
+        "Musical",
+        "Mystery",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+        "War",
+        "Western",
+    ]
+
+    def line(item, title, flags):
+        return "|".join([item, title, "01-Jan-1995", "", "http://x"] + ["1" if g in flags else "0" for g in genres])
+
+    u_item = "\n".join(
+        [
+            line("1", "Toy Story (1995)", {"Animation", "Comedy"}),
+            line("2", "Heat (1995)", {"Action"}),
+            line("3", "Heat (1995)", {"Drama"}),
+            line("5", "Land (V)", {"Animation"}),
+            line("6", "Never Rated (1990)", {"Drama"}),
+            line("10", "unknown", {"unknown"}),
+        ]
+    )
+    u_data = "".join(line + "\n" for line in INTER.splitlines()[1:])  # u.data: same tab-separated rows, no header
+    return _zip({"ml-100k/u.data": u_data, "ml-100k/u.item": u_item.encode("latin-1")})
+
+
+def _write_config(tmp_path: Path, datasets: dict, name="cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"seed": 42, "datasets": datasets}))
+    return path
+
+
+def _run(config: Path, dataset: str, out: Path, download_dir: Path, *extra: str) -> int:
+    args = [
+        "data",
+        "--config",
+        str(config),
+        "--dataset",
+        dataset,
+        "--out",
+        str(out),
+        "--download-dir",
+        str(download_dir),
+    ]
+    return main([*args, *extra])
+
+
+def _brief(rows):
+    """(user, history raw ids, target raw id) per row: enough to compare orders by hand."""
+    return [(r["user_id"], r["item_asins"], r["item_asin"]) for r in rows]
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as s:
+        yield s
+
+
+@pytest.fixture
+def ml_data(server, tmp_path):
+    """Run the recbole source (a fake wheel with the two ML-100K members) once; return the folder."""
+    wheel = _zip({RECBOLE_INTER: INTER, RECBOLE_ITEM: ITEMS})
+    server.files["recbole-fake.whl"] = wheel
+    ds = {"source": "recbole", "url": f"{server.url}/recbole-fake.whl", "sha256": _sha(wheel), "max_history": 2}
+    config = _write_config(tmp_path, {"ml": ds})
+    out = tmp_path / "data" / "ml"
+    assert _run(config, "ml", out, tmp_path / "downloads") == 0
+    return out
+
+
+def test_recbole_leave_one_out_end_to_end(ml_data, tmp_path):
+    assert sorted(p.name for p in ml_data.iterdir()) == [
+        "config.yaml",
+        "info.txt",
+        "items.jsonl",
+        "stats.json",
+        "test.csv",
+        "train.csv",
+        "valid.csv",
+    ]
+    assert (tmp_path / "downloads" / "recbole-fake.whl").is_file()
+    # Sequences: u1 = 1(50) 2(100) 10(100) 5(200); u2 = 1(120) 3(150); u3 = 2(300) 3(300).
+    # Leave-one-out: u1 -> train [target 2], valid [target 10], test [target 5];
+    # u2, u3 have two items -> test only. Test rows are sorted by target time 150, 200, 300.
+    train, valid, test = (read_split(ml_data / f"{s}.csv") for s in ("train", "valid", "test"))
+    assert _brief(train) == [("1", ["1"], "2")]
+    assert _brief(valid) == [("1", ["1", "2"], "10")]
+    assert _brief(test) == [("2", ["1"], "3"), ("1", ["2", "10"], "5"), ("3", ["2"], "3")]
+    row = test[1]  # history truncated to max_history=2: item 1 dropped
+    assert row["history_item_id"] == [ML_IDS["2"], ML_IDS["10"]] and row["item_id"] == ML_IDS["5"]
+    assert row["history_item_title"] == ["Heat (1995) [2]", "unknown"] and row["item_title"] == "Land (V)"
+    assert row["history_rating"] == [4.0, 3.0] and row["rating"] == 2.0
+    assert row["history_timestamp"] == [100, 100] and row["timestamp"] == 200
+
+    assert read_catalogue(ml_data / "info.txt") == {ML_IDS[r]: t for r, t in ML_TITLES.items()}  # item 6: never rated
+    items = read_jsonl(ml_data / "items.jsonl")
+    assert [r["item_id"] for r in items] == [0, 1, 2, 3, 4]
+    assert items[4] == {
+        "item_id": 4,
+        "title": "Toy Story (1995)",
+        "asin": "1",
+        "text": "Toy Story (1995). Animation, Comedy",
+    }
+    stats = json.loads((ml_data / "stats.json").read_text())
+    assert stats["users"] == 3 and stats["items"] == 5 and stats["interactions"] == 8
+    assert stats["rows"] == {"train": 1, "valid": 1, "test": 3}
+    assert stats["time_range"] == [50, 300] and stats["split"] == "leave_one_out" and stats["source"] == "recbole"
+    assert stats["renamed_duplicate_titles"] == 2
+    assert yaml.safe_load((ml_data / "config.yaml").read_text())["datasets"]["ml"]["max_history"] == 2
+
+
+def test_temporal_split_and_grouplens_agree_with_recbole(ml_data, server, tmp_path, caplog):
+    wheel = server.files["recbole-fake.whl"]
+    gl = _grouplens_zip()
+    server.files["ml-100k.zip"] = gl
+    config = _write_config(
+        tmp_path,
+        {
+            "rb": {
+                "source": "recbole",
+                "url": f"{server.url}/recbole-fake.whl",
+                "sha256": _sha(wheel),
+                "max_history": 2,
+                "split": "temporal",
+            },
+            "gl": {"source": "grouplens", "url": f"{server.url}/ml-100k.zip", "max_history": 2, "split": "temporal"},
+        },
+        "temporal.yaml",
+    )
+    with caplog.at_level(logging.WARNING, logger="rere"):
+        assert _run(config, "gl", tmp_path / "gl", tmp_path / "downloads") == 0
+    assert any("no sha256 to check" in r.getMessage() for r in caplog.records)
+    assert _run(config, "rb", tmp_path / "rb", tmp_path / "downloads") == 0
+    # All 5 samples by target time (ties: u1's two t=100 targets in position order):
+    # u1->2 (100), u1->10 (100), u2->3 (150), u1->5 (200), u3->3 (300);
+    # int(5 * 0.8) = 4 train rows, int(5 * 0.9) = 4 -> no valid row, 1 test row.
+    train = read_split(tmp_path / "rb" / "train.csv")
+    assert _brief(train) == [("1", ["1"], "2"), ("1", ["1", "2"], "10"), ("2", ["1"], "3"), ("1", ["2", "10"], "5")]
+    assert read_split(tmp_path / "rb" / "valid.csv") == []
+    assert _brief(read_split(tmp_path / "rb" / "test.csv")) == [("3", ["2"], "3")]
+    for name in ("train.csv", "valid.csv", "test.csv", "info.txt", "items.jsonl"):
+        assert (tmp_path / "gl" / name).read_text() == (tmp_path / "rb" / name).read_text(), name
+
+
+def test_split_temporal_rounding_matches_reference():
+    rows = [(1, 2, {"timestamp": t}) for t in [5, 3, 9, 1, 7, 2, 8, 4, 6, 0, 10]]
+    out = split_temporal(rows)  # n = 11: int(8.8) = 8, int(9.9) = 9
+    assert [r["timestamp"] for r in out["train"]] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [r["timestamp"] for r in out["valid"]] == [8] and [r["timestamp"] for r in out["test"]] == [9, 10]
+
+
+def test_unique_titles_and_seeded_ids():
+    titles, renamed = unique_titles({"7": "Heat (1995)", "3": "Heat (1995)", "9": "Up"})
+    assert titles == {"7": "Heat (1995) [7]", "3": "Heat (1995) [3]", "9": "Up"} and renamed == 2
+    with pytest.raises(RereError, match="still shared"):
+        unique_titles({"1": "A", "2": "A", "x": "A [1]"})
+    order = ["1", "2", "3", "5", "10"]
+    assert assign_ids(order, 42) == ML_IDS == assign_ids(order, 42)
+    assert assign_ids(order, 7) == {"10": 0, "1": 1, "5": 2, "2": 3, "3": 4}
+    assert order == ["1", "2", "3", "5", "10"]  # the input is not shuffled in place
+
+
+# ----------------------------------------------------------------- Amazon fixture
+
+
+def _day(y, m, d):
+    return calendar.timegm((y, m, d, 0, 0, 0))
+
+
+META = [
+    {"asin": "A1", "title": '"Alpha Pen"', "category": ["Office Products"]},
+    {"asin": "A2", "title": "Beta &amp; Co", "category": ["Office Products", "Pens &amp; Refills"]},
+    {"asin": "A3", "title": "Old Gamma"},
+    {"asin": "A3", "title": "  Gamma  "},  # a later line overrides the title
+    {"asin": "A4", "title": ' Delta "D"'},  # strip(" ") then strip('"'): 'Delta "D'
+    {"asin": "A5", "title": "X"},  # 1 character: dropped
+    {"asin": "A6", "title": '<span id="p">Promo</span>'},  # dropped
+    {"asin": "A7"},  # no title: dropped
+    {"asin": "A8", "title": " ".join(["w"] * 21)},  # 21 words: dropped
+    {"asin": "A9", "title": "Alpha Pen"},  # same title as A1 once cleaned
+]
+# (user, asin, rating, day), file order; numbers in comments are the review numbers used below.
+REVIEWS = [
+    ("U1", "A1", 5, (2018, 1, 5)),  # 1
+    ("U1", "A2", 4, (2018, 1, 10)),  # 2
+    ("U2", "A1", 3, (2018, 1, 6)),  # 3
+    ("U2", "A2", 5, (2018, 1, 10)),  # 4
+    ("U2", "A3", 2, (2018, 2, 1)),  # 5
+    ("U3", "A3", 4, (2018, 3, 1)),  # 6: on the end bound (inclusive)
+    ("U3", "A4", 5, (2018, 3, 2)),  # 7: after the end
+    ("U3", "A5", 5, (2018, 1, 20)),  # 8: untitled item
+    ("U1", "A4", 3, (2017, 6, 1)),  # 9
+    ("U4", "A9", 5, (2017, 5, 1)),  # 10
+    ("U4", "A4", 4, (2017, 5, 1)),  # 11: same time as 10 -> file order keeps A9 first
+    ("U4", "A1", 2, (2017, 12, 31)),  # 12
+    ("U3", "A9", 3, (2017, 12, 15)),  # 13
+    ("U4", "A6", 5, (2018, 1, 15)),  # 14: span title
+    ("U5", "A1", 5, (2016, 12, 31)),  # 15: before even the backed-off window
+    ("U5", "A2", 5, (2018, 2, 2)),  # 16
+    ("U4", "A8", 5, (2018, 1, 3)),  # 17: long title
+]
+
+
+def _jsonl(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def _reviews_bytes() -> bytes:
+    recs = [
+        {"reviewerID": u, "asin": a, "overall": float(r), "unixReviewTime": _day(*d), "reviewText": "ok"}
+        for u, a, r, d in REVIEWS
+    ]
+    return _jsonl(recs)
+
+
+AMAZON = {"source": "amazon", "category": "Office", "window_start": "2018-01", "window_end": "2018-03"}
+AMAZON |= {"min_items": 4, "k_core": 2, "max_history": 1, "split": "temporal"}
+
+
+def test_clean_amazon_title():
+    assert clean_amazon_title(' "Alpha Pen" ') == "Alpha Pen"
+    assert clean_amazon_title(' Delta "D"') == 'Delta "D'
+    assert clean_amazon_title("Ab") == "Ab" and clean_amazon_title('"A"') is None
+    assert clean_amazon_title(" ".join(["w"] * 20)) is not None and clean_amazon_title(" ".join(["w"] * 21)) is None
+    assert clean_amazon_title(None) is None and clean_amazon_title("x <span id='y'>") is None
+
+
+def test_k_core_cascades():
+    # Window 2018-01..2018-03 with titled items: reviews 1-6 and 16.
+    # Pass 1 drops U3 and U5 (1 review each); then A3 has 1 review (5) -> dropped;
+    # then U2 still has 2 (3, 4) -> stable: reviews 1-4, items A1 and A2 only.
+    window = [(u, a, float(r), _day(*d)) for u, a, r, d in [REVIEWS[i - 1] for i in (1, 2, 3, 4, 5, 6, 16)]]
+    assert k_core(window, 2) == window[:4]
+
+
+def test_amazon_backoff_kcore_titles_and_split(server, tmp_path):
+    reviews, meta = gzip.compress(_reviews_bytes()), gzip.compress(_jsonl(META))
+    server.files.update({"Office_5.json.gz": reviews, "meta_Office.json.gz": meta})
+    ds = AMAZON | {
+        "base_url": server.url,
+        "sha256": {"Office_5.json.gz": _sha(reviews), "meta_Office.json.gz": _sha(meta)},
+    }
+    config = _write_config(tmp_path, {"office": ds})
+    out = tmp_path / "office"
+    assert _run(config, "office", out, tmp_path / "dl") == 0
+    assert (tmp_path / "dl" / "amazon" / "meta_Office.json.gz").is_file()
+    stats = json.loads((out / "stats.json").read_text())
+    # 2018-01..2018-03 keeps only A1, A2 (test_k_core_cascades) < min_items 4 -> start 2017-01.
+    # There, with titled items: reviews 1-6, 9-13, 16; U5 has 1 review -> dropped; all else >= 2.
+    assert stats["window"] == ["2017-01", "2018-03"]
+    assert stats["window_timestamps"] == [_day(2017, 1, 1), _day(2018, 3, 1)]
+    assert stats["users"] == 4 and stats["items"] == 5 and stats["interactions"] == 11
+    assert stats["time_range"] == [_day(2017, 5, 1), _day(2018, 3, 1)]
+    # Ids: first appearance A1, A2, A3, A4, A9 shuffled by Random(42) -> A4, A2, A3, A9, A1.
+    ids = {"A4": 0, "A2": 1, "A3": 2, "A9": 3, "A1": 4}
+    titles = {"A1": "Alpha Pen [A1]", "A2": "Beta & Co", "A3": "Gamma", "A4": 'Delta "D', "A9": "Alpha Pen [A9]"}
+    assert read_catalogue(out / "info.txt") == {ids[a]: t for a, t in titles.items()}
+    items = read_jsonl(out / "items.jsonl")
+    assert items[1] == {
+        "item_id": 1,
+        "title": "Beta & Co",
+        "asin": "A2",
+        "text": "Beta & Co. Office Products, Pens & Refills",
+    }
+    # Sequences (max_history 1): U1 A4 A1 A2; U2 A1 A2 A3; U3 A9 A3; U4 A9 A4 A1 (tie: file order).
+    # 7 samples by target time; U1 and U2 both reach A2 on 2018-01-10 (U1 first: first seen first).
+    # int(7 * 0.8) = 5 train, int(7 * 0.9) = 6 -> 1 valid, 1 test.
+    rows = {s: read_split(out / f"{s}.csv") for s in ("train", "valid", "test")}
+    assert _brief(rows["train"]) == [
+        ("U4", ["A9"], "A4"),
+        ("U4", ["A4"], "A1"),
+        ("U1", ["A4"], "A1"),
+        ("U1", ["A1"], "A2"),
+        ("U2", ["A1"], "A2"),
+    ]
+    assert _brief(rows["valid"]) == [("U2", ["A2"], "A3")]
+    assert _brief(rows["test"]) == [("U3", ["A9"], "A3")]
+    test = rows["test"][0]
+    assert test["history_item_id"] == [3] and test["item_id"] == 2 and test["history_item_title"] == ["Alpha Pen [A9]"]
+    assert test["history_rating"] == [3.0] and test["rating"] == 4.0 and test["timestamp"] == _day(2018, 3, 1)
+
+
+def _amazon_files(tmp_path, reviews: bytes, meta: bytes) -> tuple[Path, Path]:
+    rp, mp = tmp_path / "Office_5.json.gz", tmp_path / "meta_Office.json.gz"
+    rp.write_bytes(reviews)
+    mp.write_bytes(meta)
+    return rp, mp
+
+
+def test_amazon_bad_input_names_file_and_line(tmp_path):
+    good_meta = gzip.compress(_jsonl(META))
+    good_reviews = _reviews_bytes()
+    ds = AMAZON | {"base_url": "unused"}
+    # Truncated gzip.
+    rp, mp = _amazon_files(tmp_path, gzip.compress(good_reviews)[:-30], good_meta)
+    with pytest.raises(RereError, match=r"Office_5\.json\.gz: line \d+: the gzip stream is truncated"):
+        read_amazon(rp, mp, ds)
+    # A non-UTF-8 byte on metadata line 2.
+    bad = _jsonl(META[:1]) + b'{"asin": "A2", "title": "Beta \xff"}\n'  # 0xff is byte 30 of line 2
+    rp, mp = _amazon_files(tmp_path, gzip.compress(good_reviews), gzip.compress(bad))
+    with pytest.raises(RereError, match=r"meta_Office\.json\.gz: line 2: byte 30 is not UTF-8"):
+        read_amazon(rp, mp, ds)
+    # A malformed JSON line (3) and a missing field (line 2) in the reviews.
+    lines = good_reviews.split(b"\n")
+    rp, mp = _amazon_files(tmp_path, gzip.compress(b"\n".join(lines[:2] + [b"{'asin': 'A1'}"] + lines[3:])), good_meta)
+    with pytest.raises(RereError, match=r"Office_5\.json\.gz: line 3: not valid JSON"):
+        read_amazon(rp, mp, ds)
+    rp, mp = _amazon_files(
+        tmp_path, gzip.compress(lines[0] + b'\n{"reviewerID": "U", "asin": "A1", "overall": 1}\n'), good_meta
+    )
+    with pytest.raises(RereError, match=r"line 2: missing field\(s\) \['unixReviewTime'\]"):
+        read_amazon(rp, mp, ds)
+
+
+def test_failed_run_leaves_no_output(server, tmp_path, capsys):
+    reviews, meta = gzip.compress(_reviews_bytes())[:-30], gzip.compress(_jsonl(META))
+    server.files.update({"Office_5.json.gz": reviews, "meta_Office.json.gz": meta})
+    config = _write_config(tmp_path, {"office": AMAZON | {"base_url": server.url}})
+    (tmp_path / "data").mkdir()
+    assert _run(config, "office", tmp_path / "data" / "office", tmp_path / "dl") == 2
+    assert "the gzip stream is truncated" in capsys.readouterr().err
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+# ----------------------------------------------------------------- d3 import
+
+
+def _d3_config(tmp_path, folder, **extra):
+    return _write_config(tmp_path, {"d3": {"source": "d3", "path": str(folder), **extra}}, "d3.yaml")
+
+
+def test_d3_round_trip_and_missing_train(ml_data, tmp_path):
+    folder = tmp_path / "d3"
+    folder.mkdir()
+    for name in ("train.csv", "valid.csv", "test.csv", "info.txt"):
+        shutil.copy(ml_data / name, folder / name)
+    out = tmp_path / "imported"
+    assert _run(_d3_config(tmp_path, folder), "d3", out, tmp_path / "dl") == 0
+    for name in ("train.csv", "valid.csv", "test.csv", "info.txt"):
+        assert (out / name).read_text() == (ml_data / name).read_text(), name
+    assert read_jsonl(out / "items.jsonl")[4] == {
+        "item_id": 4,
+        "title": "Toy Story (1995)",
+        "asin": "1",
+        "text": "Toy Story (1995)",
+    }
+    stats = json.loads((out / "stats.json").read_text())
+    # Events seen in rows: u1's 4, u2's 2, u3's 2 (every rated item appears in some row).
+    assert stats["users"] == 3 and stats["items"] == 5 and stats["interactions"] == 8 and stats["train_from"] == "train"
+
+    (folder / "train.csv").unlink()
+    with pytest.raises(RereError, match="missing_train: use_valid"):
+        build("d3", load_config([_d3_config(tmp_path, folder)]), tmp_path / "dl")
+    out2 = tmp_path / "imported2"
+    assert _run(_d3_config(tmp_path, folder, missing_train="use_valid"), "d3", out2, tmp_path / "dl") == 0
+    assert (out2 / "train.csv").read_text() == (ml_data / "valid.csv").read_text()
+    assert json.loads((out2 / "stats.json").read_text())["train_from"] == "valid"
+
+
+def _tiny_d3(folder: Path) -> None:
+    """Two items share the title 'Pen'; item 2 never appears in a split."""
+    folder.mkdir()
+    (folder / "info.txt").write_text("Pen\t0\nPen\t1\nCup\t2\n")
+    header = "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,rating,history_timestamp,timestamp\n"
+    row = "u,['a0'],a1,[0],1,['Pen'],Pen,[5.0],4.0,[1],2\n"
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.csv").write_text(header + row)
+
+
+def test_d3_duplicate_titles_made_unique(tmp_path):
+    folder = tmp_path / "pens"
+    _tiny_d3(folder)
+    out = tmp_path / "out"
+    assert _run(_d3_config(tmp_path, folder), "d3", out, tmp_path / "dl") == 0
+    assert read_catalogue(out / "info.txt") == {0: "Pen [a0]", 1: "Pen [a1]", 2: "Cup"}
+    row = read_split(out / "test.csv")[0]
+    assert row["history_item_title"] == ["Pen [a0]"] and row["item_title"] == "Pen [a1]"
+    assert read_jsonl(out / "items.jsonl")[2]["asin"] == ""
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("history_rating,", ""), r"valid\.csv: line 1: missing column"),
+        (lambda t: t.replace(",[0],1,", ",[99],1,"), r"valid\.csv: line 2: item id 99 \(a0\) is not in .*info\.txt"),
+        (lambda t: t.replace(",Pen,", ",Pencil,"), r"valid\.csv: line 2: item 1 has title 'Pencil' here"),
+    ],
+)
+def test_d3_bad_input_names_file_and_line(tmp_path, capsys, edit, message):
+    folder = tmp_path / "pens"
+    _tiny_d3(folder)
+    (folder / "valid.csv").write_text(edit((folder / "valid.csv").read_text()))
+    out_parent = tmp_path / "data"
+    out_parent.mkdir()
+    assert _run(_d3_config(tmp_path, folder), "d3", out_parent / "d3", tmp_path / "dl") == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(out_parent.iterdir()) == []
