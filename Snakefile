@@ -17,9 +17,14 @@ configfile: "config/config.yaml"
 # `--configfile A B` replaces the default file (later files override earlier ones; keys a
 # file leaves out take the schema's defaults). The rules hand `rere` the same files in the
 # same order, and the DAG is built from what `rere` reads, so the two cannot disagree.
-CONFIG_FILES = [os.path.relpath(f) for f in workflow.config_settings.configfiles] or [
-    "config/config.yaml"
-]
+CONFIG_FILES = [
+    (
+        os.path.relpath(f)
+        if os.path.abspath(f).startswith(os.getcwd() + os.sep)
+        else str(f)
+    )
+    for f in workflow.config_settings.configfiles
+] or ["config/config.yaml"]
 CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES)
 config.clear()
 config.update(load_config(CONFIG_FILES))

@@ -3,6 +3,12 @@ rule rl:
         data="data/{dataset}",
         index="index/{dataset}/index.json",
         model=f"models/{{dataset}}/{config['rl']['init_from']}",
+        # reward `collaborative` scores items with the dataset's trained SASRec baseline
+        sasrec=branch(
+            lambda wildcards: config["rl"]["variants"][wildcards.variant]["reward"]
+            == "collaborative",
+            then="results/{dataset}/sasrec/metrics.json",
+        ),
     output:
         directory("models/{dataset}/{variant}"),
     log:
@@ -19,10 +25,13 @@ rule rl:
     params:
         config=CONFIG_ARGS,
         index=subpath(input.index, parent=True),
+        sasrec=lambda wildcards, input: (
+            f"--sasrec {os.path.dirname(input.sasrec)}" if input.sasrec else ""
+        ),
         settings=lambda wildcards: [
             config["rl"],
             config["rl"]["variants"][wildcards.variant],
         ],
     shell:
         "rere rl {params.config} --variant {wildcards.variant} --data {input.data}"
-        " --index {params.index} --model {input.model} --out {output} > {log} 2>&1"
+        " --index {params.index} --model {input.model} {params.sasrec} --out {output} > {log} 2>&1"
