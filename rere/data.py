@@ -42,6 +42,7 @@ Sources (`datasets.NAME.source`)
   6. Sequences: each user's reviews sorted by time; ties keep file order (a stable sort,
      as the reference). Users are visited in order of first appearance.
   Item text: the cleaned title plus the metadata `category` list (HTML entities unescaped).
+  Files are kept in `{download_dir}/amazon/`.
 - `d3`: an existing folder (`path`) with train/valid/test.csv and info.txt in the D3
   layout, imported as it is (its item ids, histories and row order are kept). Checks: every
   column, literal lists, equal-length history lists, every item id (target and history) in
@@ -337,6 +338,7 @@ def read_amazon(reviews_path: Path, meta_path: Path, ds: dict) -> Corpus:
             continue
         titles[asin] = title
         cats = meta.get("category") or []
+        cats = [cats] if isinstance(cats, str) else cats
         categories[asin] = [html.unescape(c).strip() for c in cats if isinstance(c, str) and "<" not in c and c.strip()]
     for asin in dropped:
         titles.pop(asin, None)

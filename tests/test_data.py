@@ -27,9 +27,11 @@ from rere.data import (
     RECBOLE_ITEM,
     assign_ids,
     build,
+    build_from_corpus,
     clean_amazon_title,
     k_core,
     read_amazon,
+    read_recbole,
     split_temporal,
     unique_titles,
 )
@@ -222,6 +224,52 @@ def test_temporal_split_and_grouplens_agree_with_recbole(ml_data, server, tmp_pa
     assert _brief(read_split(tmp_path / "rb" / "test.csv")) == [("3", ["2"], "3")]
     for name in ("train.csv", "valid.csv", "test.csv", "info.txt", "items.jsonl"):
         assert (tmp_path / "gl" / name).read_text() == (tmp_path / "rb" / name).read_text(), name
+
+
+@pytest.mark.parametrize(
+    ("member", "text", "message"),
+    [
+        (RECBOLE_INTER, INTER.replace("2\t1\t3\t120", "2\t1\t3"), r"ml-100k\.inter: line 7: expected 4 fields"),
+        (RECBOLE_INTER, INTER.replace("\t150", "\tsoon"), r"ml-100k\.inter: line 6: rating '4' or timestamp 'soon'"),
+        (
+            RECBOLE_ITEM,
+            ITEMS.replace("Heat\t1995\tDrama", "H\xe9at\t1995\tDrama").encode("latin-1"),
+            r"ml-100k\.item: line 4: byte 3 is not utf-8",
+        ),
+        (RECBOLE_ITEM, ITEMS.replace("3\tHeat\t1995\tDrama\n", ""), r"items \['3'\] are rated but have no title line"),
+    ],
+)
+def test_recbole_bad_input_names_member_and_line(tmp_path, member, text, message):
+    members = {RECBOLE_INTER: INTER, RECBOLE_ITEM: ITEMS, member: text}
+    wheel = tmp_path / "fake.whl"
+    wheel.write_bytes(_zip(members))
+    with pytest.raises(RereError, match=message):
+        read_recbole(wheel)
+    wheel.write_bytes(_zip({RECBOLE_INTER: INTER})[:-40])
+    with pytest.raises(RereError, match="not a readable zip archive"):
+        read_recbole(wheel)
+
+
+REAL_WHEEL = Path(__file__).resolve().parent.parent / "downloads" / "recbole-1.2.1-py3-none-any.whl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not REAL_WHEEL.is_file(), reason="the RecBole wheel is not cached in downloads/ (tests never download it)"
+)
+def test_real_ml100k_from_cached_wheel():
+    corpus = read_recbole(REAL_WHEEL)
+    ds = {"split": "leave_one_out", "max_history": 10}
+    splits, items, stats = build_from_corpus(corpus, ds, 42, "recbole")
+    # ML-100K: 943 users (each >= 20 ratings), 1,682 items, 100,000 ratings; 18 titles are
+    # shared by 2 items each -> 36 renamed. Leave-one-out: 943 test, 943 valid, the rest train.
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100000)
+    assert stats["rows"] == {"train": 100000 - 3 * 943, "valid": 943, "test": 943}
+    assert stats["renamed_duplicate_titles"] == 36 and len({r["title"] for r in items}) == 1682
+    titles = {r["asin"]: r["title"] for r in items}
+    assert titles["1"] == "Toy Story (1995)" and titles["267"] == "unknown"
+    assert titles["1412"] == "Land Before Time III: The Time of the Great Giving (1995) (V)"
+    assert titles["246"] == "Chasing Amy (1997) [246]" and titles["268"] == "Chasing Amy (1997) [268]"
 
 
 def test_split_temporal_rounding_matches_reference():
