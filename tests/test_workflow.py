@@ -1,0 +1,248 @@
+"""The workflow: Snakemake lint and DAG, DVC describing the same steps, the Slurm profile,
+the configs, and one real end-to-end run of tests/config/tiny.yaml."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from rere.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # snakemake, rere, dvc of this environment
+# What a run needs from the repository (data folders and results are left behind).
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", "dvc.yaml", "tests/config", "tests/data"]
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+    return dest
+
+
+def snakemake(*args, cwd: Path, env: dict | None = None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def dry_run_jobs(cwd: Path, *args, env=None) -> list[dict]:
+    """Every job of a forced dry run: rule, input/output lists, resources, shell command."""
+    proc = snakemake("--dry-run", "--forceall", "--printshellcmds", *args, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    jobs, job = [], None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            job = {"rule": m.group(1), "input": [], "output": [], "resources": {}, "shell": None}
+            jobs.append(job)
+        elif job is None:
+            continue
+        elif m := re.match(r"^    (input|output): (.*)$", line):
+            job[m.group(1)] = [p.strip() for p in m.group(2).split(",")]
+        elif line.startswith("    resources: "):
+            pairs = (kv.split("=", 1) for kv in line.removeprefix("    resources: ").split(", "))
+            job["resources"] = dict(pairs)
+        elif line.startswith("Shell command: "):
+            job["shell"] = line.removeprefix("Shell command: ")
+    return [j for j in jobs if j["rule"] != "all"]
+
+
+def command(shell: str) -> str:
+    """The `rere ...` part of a rule's shell command (without the log redirection)."""
+    return " ".join(shell.split(" > ")[0].split())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("workflow"))
+
+
+@pytest.fixture(scope="module")
+def default_jobs(workdir):
+    return dry_run_jobs(workdir)
+
+
+def test_lint_and_format_are_clean():
+    proc = snakemake("--lint", cwd=ROOT)
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    files = ["Snakefile", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "workflow/rules").glob("*.smk"))]
+    fmt = subprocess.run([str(BIN / "snakefmt"), "--check", *files], cwd=ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+
+
+def test_default_dag_has_one_job_per_dataset_and_method(default_jobs):
+    config = load_config()
+    variants = list(config["rl"]["variants"])  # rere, beam_rule, grpo
+    baselines = config["baselines"]["methods"]  # pop, sasrec
+    assert Counter(j["rule"] for j in default_jobs) == {
+        "data": 1,
+        "index": 1,
+        "model": 1,
+        "sft": 1,
+        "rl": len(variants),
+        "evaluate": 1 + len(variants),
+        "baseline": len(baselines),
+        "report": 1,
+    }
+    rl = {j["output"][0] for j in default_jobs if j["rule"] == "rl"}
+    assert rl == {f"models/ml100k/{v}" for v in variants}
+    sft = next(j for j in default_jobs if j["rule"] == "sft")
+    assert command(sft["shell"]) == (
+        "rere sft --config config/config.yaml --data data/ml100k --index index/ml100k"
+        " --model models/ml100k/base --out models/ml100k/sft"
+    )
+    assert sft["shell"].endswith("> logs/sft/ml100k.log 2>&1")
+    gpu = {j["rule"] for j in default_jobs if j["resources"].get("gpu") == "1"}
+    assert gpu == {"model", "sft", "rl", "evaluate"}
+
+
+def test_adding_a_dataset_or_variant_adds_exactly_its_jobs(workdir):
+    tiny = yaml.safe_load((ROOT / "tests/config/tiny.yaml").read_text())
+    base = {j["shell"] for j in dry_run_jobs(workdir, "--configfile", "tests/config/tiny.yaml")}
+    tiny["datasets"]["tiny2"] = dict(tiny["datasets"]["tiny"])
+    tiny["rl"]["variants"]["dapo"] = {"sampling": "beam", "reward": "ranking", "loss": "dapo"}
+    (workdir / "more.yaml").write_text(yaml.safe_dump(tiny))
+    more = dry_run_jobs(workdir, "--configfile", "more.yaml")
+    new = [j for j in more if j["shell"].replace("more.yaml", "tests/config/tiny.yaml") not in base]
+    # tiny2: data, index, model, sft, 3 RL variants, 4 evaluations, 2 baselines; tiny: dapo + its evaluation
+    assert Counter(j["rule"] for j in new) == {
+        "data": 1,
+        "index": 1,
+        "model": 1,
+        "sft": 1,
+        "rl": 3 + 1,
+        "evaluate": 4 + 1,
+        "baseline": 2,
+    }
+    (report,) = [j for j in more if j["rule"] == "report"]
+    assert len(report["input"]) == 2 * (1 + 3 + 2) + 2 * 3  # metrics of 6 methods, 3 RL runs, per dataset
+    assert {j["output"][0] for j in new if j["rule"] == "rl"} == {
+        "models/tiny2/rere",
+        "models/tiny2/grpo",
+        "models/tiny2/dapo",
+        "models/tiny/dapo",
+    }
+
+
+def dvc_steps(root: Path) -> dict[str, tuple[set, set]]:
+    """dvc.yaml resolved by DVC itself: command -> (deps without params, outs incl. metrics)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        steps = {}
+        for stage in repo.index.stages:
+            deps = {d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)}
+            steps[" ".join(stage.cmd.split())] = (deps, {o.def_path for o in stage.outs})
+    return steps
+
+
+def test_dvc_yaml_describes_the_same_steps_as_snakemake(default_jobs):
+    snake = {command(j["shell"]): (set(j["input"]), set(j["output"])) for j in default_jobs}
+    dvc = dvc_steps(ROOT)
+    assert sorted(dvc) == sorted(snake)  # same commands
+    for cmd, (inputs, outputs) in snake.items():
+        assert dvc[cmd] == (inputs, outputs), cmd
+
+
+def test_dvc_yaml_declares_params_metrics_and_plots():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert spec["vars"] == ["config/config.yaml:datasets,rl,baselines"]
+    for name in ("data", "index", "model", "sft", "rl", "evaluate", "evaluate-rl", "baseline", "report"):
+        stage = spec["stages"][name].get("do", spec["stages"][name])
+        assert "config/config.yaml" in stage["params"][0], name
+    for name in ("evaluate", "evaluate-rl", "baseline"):
+        ((path, opts),) = spec["stages"][name]["metrics"][0].items()
+        assert path.endswith("metrics.json") and opts == {"cache": False}
+    assert spec["plots"] == ["results/figures"]
+    dvc_config = (ROOT / ".dvc" / "config").read_text()
+    assert "remote" not in dvc_config  # `dvc repro` needs none
+
+
+def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
+    """Dry run through the profile, then the plugin's own sbatch-string builders on each job."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", "--configfile", "config/amazon.yaml", env=env)
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["jobs"] >= 1
+
+    class Resources(dict):
+        __getattr__ = dict.get
+
+    seen = {}
+    for job in jobs:
+        res = Resources({k: int(v) if v.isdigit() else v for k, v in job["resources"].items()})
+        fake = SimpleNamespace(resources=res, threads=res.get("cpus_per_task", 1), name=job["rule"])
+        params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "workdir": None}
+        params |= {"account": f" -A {res['slurm_account']}", "partition": f" -p {res['slurm_partition']}"}
+        seen[job["rule"]] = get_submit_command(fake, params) + set_gres_string(fake)
+    assert set(seen) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
+    for rule, call in seen.items():
+        assert " -A acct1" in call and " -p part1" in call, call
+        assert ("--gpus=1" in call) == (rule in {"model", "sft", "rl", "evaluate"}), call
+    assert " -t 1440" in seen["sft"] and "--mem 64000" in seen["sft"]
+    assert " -t 15" in seen["report"] and "--cpus-per-task=1" in seen["report"]
+
+
+def test_configs_validate():
+    amazon = load_config([ROOT / "config/amazon.yaml"])
+    assert sorted(amazon["datasets"]) == ["Industrial_and_Scientific", "Office_Products", "Toys_and_Games"]
+    assert all(d["source"] == "amazon" and d["split"] == "temporal" for d in amazon["datasets"].values())
+    assert amazon["model"]["name_or_path"] == "Qwen/Qwen2.5-1.5B" and amazon["model"]["prompt"] == "instruction"
+    assert amazon["sft"]["batch_size"] * amazon["sft"]["grad_accum"] == 128
+    assert amazon["evaluate"]["num_beams"] == 50 and amazon["rl"]["num_generations"] == 16
+    assert amazon["rl"]["variants"]["rere"] == {"sampling": "beam", "reward": "ranking", "loss": "grpo"}
+    tiny = load_config([ROOT / "tests/config/tiny.yaml"])
+    assert list(tiny["datasets"]) == ["tiny"] and list(tiny["rl"]["variants"]) == ["rere", "grpo"]
+    assert tiny["model"]["scratch"]["hidden_size"] == 32 and tiny["model"]["scratch"]["num_layers"] == 1
+
+
+@pytest.mark.slow
+def test_tiny_config_runs_end_to_end(tmp_path):
+    work = copy_workflow(tmp_path)
+    proc = snakemake(
+        "--cores", "2", "--configfile", "tests/config/tiny.yaml", "results/table.csv", cwd=work, timeout=1500
+    )  # fmt: skip
+    logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((work / "logs").rglob("*.log")))
+    assert proc.returncode == 0, proc.stderr[-5000:] + logs
+
+    with open(work / "results/table.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["dataset"], r["method"]) for r in table] == [
+        ("tiny", m) for m in ["sft", "rere", "grpo", "pop", "sasrec"]
+    ]
+    for row in table:
+        assert int(row["rows"]) == 30  # every test row of tiny-d3 (evaluate.max_rows 30)
+        for col in ("hr@1", "hr@5", "ndcg@1", "ndcg@5"):
+            assert 0.0 <= float(row[col]) <= 1.0
+        assert float(row["hr@1"]) <= float(row["hr@5"])
+        assert float(row["invalid_rate"]) == 0.0
+    for method in ("sft", "rere", "grpo", "pop", "sasrec"):
+        metrics = json.loads((work / f"results/tiny/{method}/metrics.json").read_text())
+        assert metrics["rows"] == 30
+        assert (work / f"results/tiny/{method}/predictions.jsonl").read_text().count("\n") == 30
+    md = (work / "results/report.md").read_text()
+    assert "Relative gain of ReRe" in md and "figures/rl_tiny.png" in md and "figures/stages.png" in md
+    for png in ("ndcg_tiny.png", "rl_tiny.png", "stages.png"):
+        assert (work / "results/figures" / png).stat().st_size > 1000
+    benchmarks = sorted(p.relative_to(work / "benchmarks").as_posix() for p in (work / "benchmarks").rglob("*.tsv"))
+    assert len(benchmarks) == 12  # data, index, model, sft, 2 rl, 3 evaluate, 2 baseline, report
+    assert (work / "models/tiny/rere/trainer_log.jsonl").is_file()
