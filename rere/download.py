@@ -10,8 +10,9 @@
 - Connection errors, timeouts, short reads and HTTP 5xx/429 are retried up to `retries`
   more times with exponential backoff (`backoff * 2**attempt` seconds); the partial file is
   kept between attempts so the next one resumes. Other HTTP errors (404, 403) fail at once.
-- When every attempt fails to connect (DNS failure, refused connection, no route), the
-  RereError says the machine seems offline and names the exact path to place the file at.
+- When every attempt fails to connect (refused connection, no route, timeout) or the host
+  name does not resolve (not retried), the RereError says the machine seems offline and
+  names the exact path to place the file at.
 - The sha256 of the finished file is checked before the rename: a mismatch deletes the file
   and raises a RereError naming the URL and both hashes.
 """
@@ -22,6 +23,7 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -47,9 +49,10 @@ def sha256_of(path: str | Path) -> str:
 class _Retryable(Exception):
     """One attempt failed in a way that another attempt may fix."""
 
-    def __init__(self, reason: str, connect: bool = False):
+    def __init__(self, reason: str, connect: bool = False, final: bool = False):
         super().__init__(reason)
         self.connect = connect  # True: we never reached the server
+        self.final = final  # True: retrying cannot help (the host name does not resolve)
 
 
 def _offline_error(url: str, dest: Path, reason: str) -> RereError:
@@ -79,7 +82,10 @@ def _attempt(url: str, part: Path, timeout: float) -> None:
             f"{url}: HTTP {exc.code} {exc.reason}; check the URL (config key 'url' or 'base_url')."
         ) from None
     except urllib.error.URLError as exc:
-        raise _Retryable(str(exc.reason), connect=True) from None
+        dns = isinstance(exc.reason, socket.gaierror)
+        raise _Retryable(
+            f"name lookup failed: {exc.reason}" if dns else str(exc.reason), connect=True, final=dns
+        ) from None
     except (TimeoutError, ConnectionError, OSError) as exc:
         raise _Retryable(f"{type(exc).__name__}: {exc}", connect=True) from None
 
@@ -147,25 +153,25 @@ def download(
 
     last: _Retryable | None = None
     ever_connected = False
-    for attempt in range(retries + 1):
-        if attempt:
-            wait = backoff * 2 ** (attempt - 1)
-            log.warning("%s: %s; retry %d/%d in %.1fs", url, last, attempt, retries, wait)
-            time.sleep(wait)
+    attempts = 0
+    while True:
         try:
+            attempts += 1
             _attempt(url, part, timeout)
             break
         except _Retryable as exc:
             last = exc
             ever_connected |= not exc.connect
-    else:
-        assert last is not None
-        if not ever_connected:
-            raise _offline_error(url, dest, str(last))
-        raise RereError(
-            f"{url}: download failed after {retries + 1} attempts ({last}); the partial file "
-            f"{part} is kept and the next run resumes it. Or place the file at {dest.resolve()} by hand."
-        )
+            if exc.final or attempts > retries:
+                if not ever_connected:
+                    raise _offline_error(url, dest, str(last)) from None
+                raise RereError(
+                    f"{url}: download failed after {attempts} attempts ({last}); the partial file "
+                    f"{part} is kept and the next run resumes it. Or place the file at {dest.resolve()} by hand."
+                ) from None
+        wait = backoff * 2 ** (attempts - 1)
+        log.warning("%s: %s; retry %d/%d in %.1fs", url, last, attempts, retries, wait)
+        time.sleep(wait)
 
     actual = sha256_of(part)
     if sha256 is None:

@@ -1,6 +1,7 @@
 """rere.download against a real HTTP server on 127.0.0.1: checksums, resume, retry, offline."""
 
 import hashlib
+import socket
 
 import pytest
 from fixtures.loopback_http import LoopbackServer, closed_port_url
@@ -104,3 +105,16 @@ def test_offline_message_names_url_and_exact_path(tmp_path):
     msg = str(info.value)
     assert url in msg and "seems offline" in msg and str(dest.resolve()) in msg
     assert not dest.exists()
+
+
+def test_unresolvable_host_fails_at_once_as_offline(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    sleeps = []
+    monkeypatch.setattr("rere.download.time.sleep", sleeps.append)
+    url = "https://files.example.invalid/x.zip"
+    with pytest.raises(RereError, match=r"name lookup failed.*seems offline.*downloads/x\.zip"):
+        download(url, tmp_path / "downloads" / "x.zip", retries=3)
+    assert sleeps == []  # no backoff: a name that does not resolve will not resolve on retry
