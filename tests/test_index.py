@@ -1,0 +1,134 @@
+"""`rere index`: title codes, semantic IDs (one-to-one, collision level), fingerprints, errors."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from rere import RereError
+from rere.cli import main
+from rere.config import load_config
+from rere.index import ItemIndex, auto_codebook_size, build_index, fingerprint, sid_codes
+from rere.io import write_catalogue, write_jsonl
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western", "Musical"]
+
+
+def make_catalogue(folder, n=40, duplicate_text=(), title_of=None):
+    """info.txt + items.jsonl for n items; items in `duplicate_text` all get the same text."""
+    titles = {i: (title_of or {}).get(i, f"Film {i} ({1950 + i})") for i in range(n)}
+    write_catalogue(folder / "info.txt", titles)
+    records = []
+    for i in range(n):
+        text = f"{titles[i]} {GENRES[i % 8]} {GENRES[(i * 3) % 8]} word{i % 5}"
+        if i in duplicate_text:
+            text = "The same film Drama Drama"
+        records.append({"item_id": i, "title": titles[i], "asin": str(i + 100), "text": text})
+    write_jsonl(folder / "items.jsonl", records)
+    return titles
+
+
+def test_title_index_round_trip_and_fingerprint(tmp_path):
+    make_catalogue(tmp_path / "data", n=3, title_of={0: 'Toy "Story" (1995)'})
+    assert main(["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q"]) == 0
+    index = ItemIndex.load(tmp_path / "idx")
+    assert index.kind == "title" and index.new_tokens == []
+    assert index.codes == ['"Toy "Story" (1995)"', '"Film 1 (1951)"', '"Film 2 (1952)"']
+    assert index.item_ids == [0, 1, 2]
+    assert index.code_to_item['"Film 2 (1952)"'] == 2
+    expected = hashlib.sha256(b'title\n0\t"Toy "Story" (1995)"\n1\t"Film 1 (1951)"\n2\t"Film 2 (1952)"').hexdigest()
+    assert index.fingerprint == expected
+    assert (tmp_path / "idx" / "config.yaml").is_file()
+    assert not list(tmp_path.glob(".idx*"))  # no temporary left behind
+    index.check_catalogue(tmp_path / "data")
+
+    # One changed title changes the fingerprint, and the old index no longer fits the data.
+    make_catalogue(tmp_path / "data", n=3, title_of={0: 'Toy "Story" (1996)'})
+    assert build_index(tmp_path / "data", load_config()).fingerprint != index.fingerprint
+    with pytest.raises(RereError, match="not the catalogue this index was built from"):
+        index.check_catalogue(tmp_path / "data")
+
+
+def test_load_refuses_missing_and_edited_index(tmp_path):
+    with pytest.raises(RereError, match="does not exist; run `rere index"):
+        ItemIndex.load(tmp_path / "nowhere")
+    make_catalogue(tmp_path / "data", n=3)
+    main(["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q"])
+    path = tmp_path / "idx" / "index.json"
+    data = json.loads(path.read_text())
+    data["items"][1]["code"] = '"Something else"'
+    path.write_text(json.dumps(data))
+    with pytest.raises(RereError, match="fingerprint does not match the items"):
+        ItemIndex.load(tmp_path / "idx")
+
+
+@pytest.mark.parametrize(
+    ("n", "levels", "k"),
+    [(1682, 3, 16), (10, 3, 8), (4096, 3, 16), (4097, 3, 24), (12101, 3, 24), (10**5, 2, 256), (1, 1, 8)],
+)
+def test_auto_codebook_size(n, levels, k):
+    # ceil(n ** (1/L)) -> next multiple of 8 -> [8, 256]: 1682 ** (1/3) = 11.9 -> 12 -> 16;
+    # 4097 ** (1/3) = 16.001 -> 17 -> 24; 12101 ** (1/3) = 22.96 -> 23 -> 24; 316.2 -> 256.
+    assert auto_codebook_size(n, levels) == k
+
+
+def test_sid_codes_resolve_collisions_by_item_id():
+    # Items 0, 1 and 3 share the code (0, 1): they get <c_0>, <c_1>, <c_2> in id order.
+    codes, new_tokens, stats = sid_codes([0, 1, 2, 3], np.array([[0, 1], [0, 1], [2, 3], [0, 1]]), k=4)
+    assert codes == ["<a_0><b_1><c_0>", "<a_0><b_1><c_1>", "<a_2><b_3>", "<a_0><b_1><c_2>"]
+    assert new_tokens[:4] == ["<a_0>", "<a_1>", "<a_2>", "<a_3>"] and new_tokens[-3:] == ["<c_0>", "<c_1>", "<c_2>"]
+    assert stats["new_tokens"] == len(new_tokens) == 2 * 4 + 3
+    assert stats["collision_rate"] == 0.75 and stats["max_items_per_code"] == 3
+    assert stats["code_usage"] == [0.5, 0.5] and stats["distinct_codes"] == 2
+
+
+def test_sid_index_is_one_to_one_and_deterministic(tmp_path):
+    make_catalogue(tmp_path / "data", n=40, duplicate_text={3, 17, 29})
+    config = load_config(overrides=["index.kind=sid", "index.sid.levels=2", "index.sid.embedding_dim=8"])
+    assert main(["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q", "--set", "index.kind=sid",
+                 "--set", "index.sid.levels=2", "--set", "index.sid.embedding_dim=8"]) == 0  # fmt: skip
+    index = ItemIndex.load(tmp_path / "idx")
+    assert index.kind == "sid" and len(set(index.codes)) == 40
+    assert index.stats["codebook_size"] == 8  # auto: ceil(40 ** 0.5) = 7 -> 8
+    # The three identical texts have identical embeddings, so the same two-level code; the
+    # extra level orders them by item id.
+    base = index.codes[3][: index.codes[3].index("<c_")]
+    assert [index.codes[i] for i in (3, 17, 29)] == [base + "<c_0>", base + "<c_1>", base + "<c_2>"]
+    assert index.stats["max_items_per_code"] >= 3 and index.stats["collision_rate"] >= 3 / 40
+    for code in index.codes:  # every token of every code is a new token
+        assert all(f"<{tok}" in index.new_tokens for tok in code.split("<")[1:])
+    assert build_index(tmp_path / "data", config).codes == index.codes
+
+
+def test_sid_integer_codebook_and_config_errors(tmp_path):
+    make_catalogue(tmp_path / "data", n=30)
+    index = build_index(tmp_path / "data", load_config(overrides=["index.kind=sid", "index.sid.codebook_size=5"]))
+    assert index.stats["codebook_size"] == 5
+    assert all(0 < u <= 1 for u in index.stats["code_usage"])
+    assert index.new_tokens[:5] == [f"<a_{i}>" for i in range(5)]
+    with pytest.raises(RereError, match="'index.sid.codebook_size': 'big' is not 'auto'"):
+        build_index(tmp_path / "data", load_config(overrides=["index.kind=sid", "index.sid.codebook_size=big"]))
+
+
+def test_sentence_transformers_missing_is_a_clear_error(tmp_path, monkeypatch):
+    make_catalogue(tmp_path / "data", n=10)
+    monkeypatch.setitem(__import__("sys").modules, "sentence_transformers", None)  # import fails
+    overrides = ["index.kind=sid", "index.sid.embedder=sentence-transformers", "index.sid.embedder_model=some/model"]
+    with pytest.raises(RereError, match="sentence-transformers but the package is not installed"):
+        build_index(tmp_path / "data", load_config(overrides=overrides))
+
+
+def test_items_jsonl_must_match_the_catalogue(tmp_path):
+    make_catalogue(tmp_path / "data", n=5)
+    write_jsonl(tmp_path / "data" / "items.jsonl", [{"item_id": i, "title": f"x{i}", "text": "t"} for i in range(5)])
+    with pytest.raises(RereError, match="item 0: title 'x0' differs from info.txt"):
+        build_index(tmp_path / "data", load_config(overrides=["index.kind=sid"]))
+    write_jsonl(tmp_path / "data" / "items.jsonl", [{"item_id": 0, "title": "Film 0 (1950)", "text": "t"}])
+    with pytest.raises(RereError, match=r"items differ from info.txt \(e.g. missing ids \[1, 2, 3, 4\]\)"):
+        build_index(tmp_path / "data", load_config(overrides=["index.kind=sid"]))
+
+
+def test_fingerprint_depends_on_kind_and_order():
+    assert fingerprint("title", [0, 1], ['"A"', '"B"']) != fingerprint("sid", [0, 1], ['"A"', '"B"'])
+    assert fingerprint("title", [0, 1], ['"A"', '"B"']) != fingerprint("title", [0, 1], ['"B"', '"A"'])
