@@ -1,0 +1,281 @@
+"""The RL stage: settings, the TRL pin, rollouts, one real training step, and two processes.
+
+Everything runs on the synthetic tiny-d3 catalogue (40 items) with a tiny scratch model built
+by `rere model` in a temporary folder, and trains from that base model (no SFT: faster, and
+the rollout/training mechanics do not depend on the start point).
+"""
+
+import doctest
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rere import RereError, rl
+from rere.cli import main
+from rere.config import load_config
+from rere.rewards import REWARDS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "config" / "tiny.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+# Small, fast, and with enough signal: G = 8 of 40 items puts the target in some groups.
+RL_SETS = [
+    "rl.num_generations=8",
+    "rl.batch_prompts=2",
+    "rl.max_train_rows=8",
+    "rl.max_steps=1",
+    "rl.learning_rate=0.01",
+    "rl.warmup_ratio=0",
+    "rl.beta=0.01",
+    "tracking.mlflow=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """data/tiny, index/tiny, models/tiny/base built with the CLI from tests/data/tiny-d3."""
+    root = tmp_path_factory.mktemp("rl")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        base = ["--config", str(TINY), "-q"]
+        assert main(["data", *base, "--dataset", "tiny", "--out", str(root / "data" / "tiny")]) == 0
+        assert main(["index", *base, "--data", str(root / "data/tiny"), "--out", str(root / "index/tiny")]) == 0
+        args = [
+            "--data",
+            str(root / "data/tiny"),
+            "--index",
+            str(root / "index/tiny"),
+            "--out",
+            str(root / "models/tiny/base"),
+        ]
+        assert main(["model", *base, *args]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def rl_args(root: Path, variant: str, out: str, *extra: str) -> list[str]:
+    return [
+        "rl",
+        "--config",
+        str(TINY),
+        "-q",
+        *(x for s in [*RL_SETS, *extra] for x in ("--set", s)),
+        "--variant",
+        variant,
+        "--data",
+        str(root / "data/tiny"),
+        "--index",
+        str(root / "index/tiny"),
+        "--model",
+        str(root / "models/tiny/base"),
+        "--out",
+        str(root / out),
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def group_advantages(rewards: list[float]) -> list[float]:
+    """GRPO's group normalisation, written out: (R - mean) / (sample std + 1e-4)."""
+    g = len(rewards)
+    mean = sum(rewards) / g
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (g - 1))
+    return [(r - mean) / (std + 1e-4) for r in rewards]
+
+
+def check_groups(records: list[dict], g: int, sampling: str = "beam") -> None:
+    """Each group: one row, G completions; beams are G distinct items ranked 1..G; TRL's
+    advantages are the group-normalised ReRe rewards of exactly these items."""
+    for rec in records:
+        assert len(rec["items"]) == len(rec["advantages"]) == g
+        if sampling == "beam":
+            assert len(set(rec["items"])) == g
+            assert rec["ranks"] == list(range(1, g + 1))
+            assert rec["logps"] == sorted(rec["logps"], reverse=True)
+        cols = {
+            "prompts": ["p"] * g,
+            "completions": ["c"] * g,
+            "target": [rec["target"]] * g,
+            "item_id": rec["items"],
+            "beam_rank": rec["ranks"],
+            "target_in_group": [rec["target"] in rec["items"]] * g,
+            "group_size": [g] * g,
+        }
+        rewards = [sum(v) for v in zip(*(f(**cols) for f in REWARDS["ranking"]), strict=True)]
+        assert rec["advantages"] == pytest.approx(group_advantages(rewards), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the TRL pin
+
+
+def test_doctests():
+    result = doctest.testmod(rl)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_settings_refuse_bad_combinations():
+    config = load_config([TINY])
+    s = rl.RLSettings.from_config(config, "rere")
+    assert (s.sampling, s.reward, s.loss, s.num_generations) == ("beam", "ranking", "grpo", 4)
+    with pytest.raises(RereError, match="num_generations.*at least 2"):
+        rl.RLSettings.from_config(load_config([TINY], ["rl.num_generations=1"]), "rere")
+    with pytest.raises(RereError, match="sync_ref_model.*beta is 0"):
+        rl.RLSettings.from_config(load_config([TINY], ["rl.beta=0"]), "rere")
+    with pytest.raises(RereError, match="variant 'nope'"):
+        rl.RLSettings.from_config(config, "nope")
+
+
+@pytest.mark.parametrize(
+    ("loss", "loss_type", "level"), [("grpo", "grpo", "token"), ("dapo", "dapo", "token"), ("gspo", "grpo", "sequence")]
+)
+def test_grpo_args_set_what_trl_defaults_differently(tmp_path, loss, loss_type, level):
+    config = load_config([TINY], ["rl.beta=0.001", f"rl.variants.x={{sampling: sample, reward: rule, loss: {loss}}}"])
+    s = rl.RLSettings.from_config(config, "x")
+    a = rl.grpo_args(s, tmp_path, seed=3, max_completion_length=9, trust_remote_code=False)
+    assert (a.loss_type, a.importance_sampling_level) == (loss_type, level)
+    assert a.beta == 0.001 and a.bf16 is False and a.scale_rewards == "group"
+    assert a.per_device_train_batch_size == s.batch_prompts * s.num_generations
+    assert a.num_generations == 4 and a.steps_per_generation == 1 and a.temperature == s.temperature
+    assert a.sync_ref_model is True and a.ref_model_mixup_alpha == 1.0
+    beam = rl.RLSettings.from_config(config, "rere")
+    assert rl.grpo_args(beam, tmp_path, 3, 9, False).temperature == 1.0  # log-probs of deterministic beams
+
+
+def test_trl_private_api_is_the_one_we_override():
+    """rere.rl relies on these parts of trl 1.16.0; if this fails, re-read the new trainer."""
+    import trl
+    from trl import GRPOTrainer
+
+    assert trl.__version__ == rl.PINNED_TRL
+    assert list(inspect.signature(GRPOTrainer._generate_and_score_completions).parameters) == ["self", "inputs"]
+    assert "rollout_func" in inspect.signature(GRPOTrainer.__init__).parameters
+    generate = inspect.getsource(GRPOTrainer._generate)
+    assert "self.rollout_func(prompts, self)" in generate
+    assert '{"prompt_ids", "completion_ids", "logprobs"}' in generate
+    score = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "= self._generate(prompts)" in score
+    assert "inp[key] = values[i]" in score  # rollout columns become reward-function columns
+    assert "view(-1, num_generations)" in score  # groups are consecutive in the global batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def make_trainer(root: Path, tmp_path: Path, *sets: str):
+    config = load_config([TINY], [*RL_SETS, *sets])
+    args = SimpleNamespace(
+        variant="rere",
+        data=str(root / "data/tiny"),
+        index=str(root / "index/tiny"),
+        model=str(root / "models/tiny/base"),
+        sasrec=None,
+    )
+    inp = rl.load_inputs(args, config)
+    return inp, rl.build_trainer(inp, config, tmp_path / "ckpt")
+
+
+def test_beam_rollout_gives_g_distinct_items_per_prompt_in_beam_order(tiny, tmp_path):
+    from rere.decoding import beam_search
+
+    inp, trainer = make_trainer(tiny, tmp_path)
+    g = 8
+    rows = [dict(inp.train[0]), dict(inp.train[3])]
+    batch = [dict(r) for r in rows for _ in range(g)]  # TRL's layout: each prompt G times
+    trainer._rere_inputs = batch
+    out = trainer._rollout([r["prompt"] for r in batch], trainer)
+
+    ids = inp.tokenizer([r["prompt"] for r in rows])["input_ids"]
+    expected = beam_search(inp.model, ids, inp.trie, g, inp.tokenizer.pad_token_id)
+    valid = set(inp.index.item_ids)
+    for k, row in enumerate(rows):
+        part = slice(k * g, (k + 1) * g)
+        items = out["item_id"][part]
+        assert len(set(items)) == g and set(items) <= valid
+        assert items == [inp.index.item_ids[pos] for pos, _ in expected[k]]  # best first
+        assert out["beam_rank"][part] == list(range(1, g + 1))
+        assert out["completion_ids"][part] == [inp.item_seqs[pos] for pos, _ in expected[k]]
+        assert out["target_in_group"][part] == [row["target"] in items] * g
+        assert all(p == ids[k] for p in out["prompt_ids"][part])
+    assert out["logprobs"] is None and out["group_size"] == [g] * (2 * g)
+
+
+def test_rollout_refuses_a_broken_group(tiny, tmp_path):
+    inp, trainer = make_trainer(tiny, tmp_path)
+    batch = [dict(inp.train[0])] * 7 + [dict(inp.train[1])] * 9
+    trainer._rere_inputs = batch
+    with pytest.raises(RuntimeError, match="group 0 mixes rows"):
+        trainer._rollout([r["prompt"] for r in batch], trainer)
+
+
+@pytest.mark.parametrize("sampling", ["sample", "dynamic"])
+def test_sampled_rollouts_are_valid_and_ranked(tiny, tmp_path, sampling):
+    inp, trainer = make_trainer(tiny, tmp_path, f"rl.variants.rere={{sampling: {sampling}, reward: rule}}")
+    g = 8
+    batch = [dict(inp.train[2])] * g
+    trainer._rere_inputs = batch
+    out = trainer._rollout([r["prompt"] for r in batch], trainer)
+    items = out["item_id"]
+    assert len(items) == g and set(items) <= set(inp.index.item_ids)
+    assert min(out["beam_rank"]) == 1 and max(out["beam_rank"]) == len(set(items))
+    if sampling == "dynamic":  # distinct items first
+        n = len(set(items))
+        assert len(set(items[:n])) == n
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_one_training_step_changes_the_policy_and_logs(tiny):
+    import torch
+
+    from rere.model import load_model
+
+    assert main(rl_args(tiny, "rere", "models/tiny/rere", "rl.batch_prompts=4")) == 0
+    out = tiny / "models/tiny/rere"
+    meta = json.loads((out / "rere.json").read_text())
+    assert meta["stage"] == "rl" and meta["variant"] == "rere"
+    assert not (tiny / "models/tiny/rere.partial").exists()
+
+    before, _, _ = load_model(tiny / "models/tiny/base")
+    after, _, _ = load_model(out)
+    changed = [
+        n
+        for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert changed, "one GRPO step left every parameter unchanged"
+
+    logs = read_jsonl(out / "trainer_log.jsonl")
+    step = next(r for r in logs if "loss" in r and r["step"] == 1)
+    for key in (
+        "rewards/rule/mean",
+        "rewards/ranking/mean",
+        "rewards/ranking/std",
+        "reward",
+        "kl",
+        "rollout/target_in_group",
+        "rollout/distinct_items",
+    ):
+        assert key in step, key
+    assert step["rollout/distinct_items"] == 8.0  # beams are distinct
+
+    groups = read_jsonl(out / "rollouts.jsonl")
+    assert len(groups) == 4 and all(rec["step"] == 0 for rec in groups)
+    assert any(rec["target"] in rec["items"] for rec in groups), "no group holds its target: no learning signal"
+    assert step["rollout/target_in_group"] == pytest.approx(
+        sum(rec["target"] in rec["items"] for rec in groups) / len(groups)
+    )
+    check_groups(groups, g=8)
