@@ -219,7 +219,8 @@ def test_configs_validate():
 def test_tiny_config_runs_end_to_end(tmp_path):
     work = copy_workflow(tmp_path)
     proc = snakemake(
-        "--cores", "2", "--configfile", "tests/config/tiny.yaml", "results/table.csv", cwd=work, timeout=1500
+        # the target first: --configfile takes every argument after it
+        "--cores", "2", "results/table.csv", "--configfile", "tests/config/tiny.yaml", cwd=work, timeout=1500
     )  # fmt: skip
     logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((work / "logs").rglob("*.log")))
     assert proc.returncode == 0, proc.stderr[-5000:] + logs
