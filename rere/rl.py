@@ -145,6 +145,7 @@ class RLSettings:
 def grpo_args(s: RLSettings, output_dir: str | Path, seed: int, max_completion_length: int, trust_remote_code: bool):
     """TRL's GRPOConfig for these settings. TRL's own defaults differ from ours (beta 0, loss
     "dapo", bf16 on), so every value that matters is set here explicitly."""
+    import torch
     from trl import GRPOConfig
 
     loss_type, level = LOSSES[s.loss]
@@ -185,6 +186,8 @@ def grpo_args(s: RLSettings, output_dir: str | Path, seed: int, max_completion_l
         dataloader_num_workers=0,
         log_completions=False,
         trust_remote_code=trust_remote_code,
+        # On a machine without CUDA, several processes (torchrun) train on CPU with gloo.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -442,25 +445,47 @@ def collaborative_scorer(folder: str | Path | None):
     return scorer
 
 
-def _make_callbacks(out_log: Path, eval_hook):
+def _callbacks(log_path: Path, inp: RLInputs | None, config: dict, mlrun):
+    """trainer_log.jsonl of every log dict, and (rl.eval_every) a small validation HR/NDCG."""
     from transformers import TrainerCallback
 
+    def append(record: dict) -> None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
     class JsonlLog(TrainerCallback):
-        """Every log dict (TRL's reward per function, KL, loss, rollout statistics) with its step."""
+        """TRL's reward per function, KL, loss, and the rollout statistics, with their step."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                with open(out_log, "a", encoding="utf-8") as f:
-                    f.write(
-                        json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, sort_keys=True) + "\n"
-                    )
+                append({"step": state.global_step, "epoch": state.epoch, **logs})
 
     class PeriodicEval(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if eval_hook is not None:
-                eval_hook(state)
+        """`evaluate_model` (the code of `rere evaluate`) on rl.eval_rows validation rows."""
 
-    return [JsonlLog(), PeriodicEval()]
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            from rere.evaluate import evaluate_model
+
+            every = inp.settings.eval_every
+            if not state.is_world_process_zero or state.global_step % every:
+                return
+            _, _, m = evaluate_model(
+                model,
+                inp.tokenizer,
+                inp.index,
+                inp.valid_rows,
+                config,
+                style=inp.meta["prompt_style"],
+                split="valid",
+                trie=inp.trie,
+                progress=False,
+            )
+            record = {f"valid/{k}": v for k, v in m.items() if k.startswith(("hr@", "ndcg@"))}
+            log.info("step %d validation: %s", state.global_step, record)
+            mlrun.log_metrics(record, step=state.global_step)
+            append({"step": state.global_step, **record})
+
+    return [JsonlLog(), mlrun.callback()] + ([PeriodicEval()] if inp is not None and inp.settings.eval_every else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,57 +586,32 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
 
 
 def run(args, config) -> int:
-    from accelerate import PartialState
     from transformers import set_seed
 
     from rere import tracking
-    from rere.evaluate import evaluate_model
     from rere.model import save_model
 
     inp = load_inputs(args, config)
-    s, seed = inp.settings, config["seed"]
     data, out, start = Path(args.data), Path(args.out), Path(args.model)
-    main_process = PartialState().is_main_process
-
     work = out.parent / f"{out.name}.partial"
     work.mkdir(parents=True, exist_ok=True)
     resume = _last_checkpoint(work / CHECKPOINTS)
-    if resume is None and main_process:
+    set_seed(config["seed"])
+    trainer = build_trainer(inp, config, work / CHECKPOINTS, rollout_log=work / ROLLOUT_LOG)
+    main_process = trainer.accelerator.is_main_process
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    elif main_process:
         for name in (TRAINER_LOG, ROLLOUT_LOG):
             (work / name).unlink(missing_ok=True)
-    elif resume is not None:
-        log.info("resuming from %s", resume)
-    set_seed(seed)
     # One MLflow run per stage, opened by the main process only.
     track = config if main_process else {**config, "tracking": {**config["tracking"], "mlflow": False}}
 
     with tracking.stage_run(
         track, stage="rl", dataset=data.name, method=args.variant, index_kind=inp.index.kind
     ) as mlrun:
-
-        def periodic_eval(state):
-            if not (s.eval_every and state.global_step % s.eval_every == 0) or not main_process:
-                return
-            policy = trainer.accelerator.unwrap_model(trainer.model)
-            _, _, m = evaluate_model(
-                policy,
-                inp.tokenizer,
-                inp.index,
-                inp.valid_rows,
-                config,
-                style=inp.meta["prompt_style"],
-                split="valid",
-                trie=inp.trie,
-                progress=False,
-            )
-            record = {f"valid/{k}": v for k, v in m.items() if k.startswith(("hr@", "ndcg@"))}
-            log.info("step %d validation: %s", state.global_step, record)
-            mlrun.log_metrics(record, step=state.global_step)
-            with open(work / TRAINER_LOG, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **record}, sort_keys=True) + "\n")
-
-        callbacks = [*_make_callbacks(work / TRAINER_LOG, periodic_eval), mlrun.callback()]
-        trainer = build_trainer(inp, config, work / CHECKPOINTS, callbacks, rollout_log=work / ROLLOUT_LOG)
+        for callback in _callbacks(work / TRAINER_LOG, inp, config, mlrun):
+            trainer.add_callback(callback)
         started = time.time()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         summary = {
@@ -619,6 +619,7 @@ def run(args, config) -> int:
             "global_step": trainer.state.global_step,
             "wall_s": time.time() - started,
             "train_rows": len(inp.train),
+            "processes": trainer.accelerator.num_processes,
         }
         log.info("rl %s done: %s", args.variant, summary)
         mlrun.log_metrics({k: float(v) for k, v in summary.items()})

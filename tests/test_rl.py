@@ -10,6 +10,9 @@ import inspect
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,3 +282,31 @@ def test_one_training_step_changes_the_policy_and_logs(tiny):
         sum(rec["target"] in rec["items"] for rec in groups) / len(groups)
     )
     check_groups(groups, g=8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_groups_intact(tiny):
+    """torchrun, 2 CPU processes (gloo): 2 x 3 prompts of G = 4 per step. Every group is one
+    row with 4 distinct beams, and the advantages TRL trained on are that group's
+    normalised rewards (a misaligned slice would pair items with another row's target)."""
+    out = tiny / "models/tiny/rere2p"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "rere.cli", *rl_args(tiny, "rere", "models/tiny/rere2p", "rl.num_generations=4", "rl.batch_prompts=3",
+                                   "rl.max_train_rows=24", "rl.max_steps=2"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "rl_summary.json").read_text())["processes"] == 2
+    groups = read_jsonl(out / "rollouts.jsonl")
+    assert [sum(r["step"] == s for r in groups) for s in (0, 1)] == [6, 6]  # 2 processes x 3 prompts
+    for s in (0, 1):
+        rows = [r["row"] for r in groups if r["step"] == s]
+        assert len(set(rows)) == 6
+    check_groups(groups, g=4)
