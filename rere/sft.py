@@ -1,0 +1,372 @@
+"""Supervised fine-tuning: learn to write the next item's code after a user's history.
+
+`rere sft --data data/D --index index/D --model models/D/base --out models/D/sft`
+
+Each train row becomes one prompt-completion pair: the prompt lists the history items' codes
+(`rere.prompts.build_prompt`, with the row's own seeded RNG), the completion is the target's
+code and a newline. TRL's `SFTTrainer` appends the EOS token and puts the loss on the
+completion only; before training we check, row by row, that the tokens it trains on are
+exactly the item's sequence in the decoding trie (`rere.prompts.item_token_ids`), so the
+model learns precisely what constrained beam search will later let it write (EOS once).
+
+Folder layout (the Snakemake rule's output is the folder `out`):
+
+    out.partial/            while training: checkpoints/checkpoint-N (every eval_steps),
+                            trainer_log.jsonl. An interrupted run leaves only this folder;
+                            rerunning `rere sft` resumes from its last complete checkpoint.
+    out/                    appears only when training is over, renamed into place in one
+                            step: the best model (LoRA merged), tokenizer, rere.json
+                            (stage "sft"), config.yaml, trainer_log.jsonl, checkpoints/.
+
+Rerunning on a finished `out` with a larger `sft.max_steps` moves its checkpoints back to
+`out.partial/` and continues from the last one; `out` is replaced when the new run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from rere import RereError
+from rere.io import read_split, save_resolved_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINER_LOG = "trainer_log.jsonl"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="dataset folder from `rere data` (train.csv, valid.csv)")
+    parser.add_argument("--index", required=True, help="item index folder from `rere index`")
+    parser.add_argument("--model", required=True, help="base model folder from `rere model`")
+    parser.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT.partial/ until done)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def item_codes(index) -> dict[int, str]:
+    """item_id -> code, from the index."""
+    return dict(zip(index.item_ids, index.codes, strict=True))
+
+
+def prompt_completion_rows(rows: list[dict], index, style: str, seed: int, split: str) -> list[dict]:
+    """One {"prompt", "completion"} per row; the prompt is `rere.prompts.row_prompt`, the same
+    in every stage. Items unknown to the index are a RereError naming the split file's line.
+    """
+    from rere import prompts
+
+    codes = item_codes(index)
+    out = []
+    for row in rows:
+        if row["item_id"] not in codes:
+            raise RereError(
+                f"{split}.csv line {row.get('_line', '?')}: item id {row['item_id']} is not in the index "
+                f"({len(codes)} items); rebuild the index from this dataset (`rere index`)."
+            )
+        prompt = prompts.row_prompt(row, codes, style, seed)
+        out.append({"prompt": prompt, "completion": prompts.completion_text(codes[row["item_id"]])})
+    return out
+
+
+def check_training_labels(dataset, target_positions: list[int], item_seqs: list[list[int]], split: str) -> None:
+    """Every row's trained tokens (labels != -100) must equal its target's trie sequence.
+
+    This is where a doubled or missing EOS, a prompt/completion boundary that merges tokens,
+    or a truncated completion would show up; each would train the model on sequences that
+    constrained decoding can never produce.
+    """
+    for i, (labels, pos) in enumerate(zip(dataset["labels"], target_positions, strict=True)):
+        trained = [t for t in labels if t != -100]
+        if trained != item_seqs[pos]:
+            raise RereError(
+                f"{split} row {i}: SFT would train on token ids {trained} but the decoding trie has "
+                f"{item_seqs[pos]} for this item. The tokenizer does not split prompt and completion "
+                "the same way in training and decoding (or adds its own EOS); use the compact prompt "
+                "or another tokenizer."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the working folder
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.partial"
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """Newest checkpoint-N holding trainer_state.json (Trainer writes it last, so a checkpoint
+    cut short by an interruption lacks it and is skipped)."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def _prepare_work_dir(out: Path) -> tuple[Path, Path | None]:
+    """Return (work dir, checkpoint to resume from or None)."""
+    work = partial_dir(out)
+    ckpt_dir = work / CHECKPOINTS
+    if last_complete_checkpoint(ckpt_dir) is None and last_complete_checkpoint(out / CHECKPOINTS) is not None:
+        # A finished run: continue from its checkpoints (e.g. with a larger max_steps).
+        work.mkdir(parents=True, exist_ok=True)
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        os.replace(out / CHECKPOINTS, ckpt_dir)
+        if (out / TRAINER_LOG).is_file():
+            shutil.copyfile(out / TRAINER_LOG, work / TRAINER_LOG)
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "final", ignore_errors=True)  # a publish cut short; out/ is still intact
+    for p in ckpt_dir.glob("checkpoint-*"):
+        if not (p / "trainer_state.json").is_file():
+            shutil.rmtree(p)  # cut short while saving: unusable, and in the way of a fresh save
+    resume = last_complete_checkpoint(ckpt_dir)
+    _truncate_log(work / TRAINER_LOG, _step_of(resume) if resume else 0)
+    return work, resume
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step: those steps are trained (and logged) again."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _publish(model, tokenizer, work: Path, out: Path, meta: dict, config: dict, summary: dict) -> None:
+    """Make `out` appear complete in one rename, then move the checkpoints into it.
+
+    If this is cut short after the rename, OUT.partial still holds the checkpoints; the next
+    run resumes at the final step, trains nothing and publishes again.
+    """
+    from rere.model import save_model
+
+    staged = work / "final"
+    save_model(model, tokenizer, staged, meta, config)
+    (staged / "sft_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (work / TRAINER_LOG).is_file():
+        shutil.copyfile(work / TRAINER_LOG, staged / TRAINER_LOG)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
+    os.replace(work / CHECKPOINTS, out / CHECKPOINTS)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _make_callbacks(work: Path, config: dict):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Appends every log dict (train loss, lr, grad norm, eval loss) with its step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                record = {"step": state.global_step, "epoch": state.epoch, **logs}
+                with open(work / TRAINER_LOG, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    class ConfigIntoCheckpoint(TrainerCallback):
+        """Each checkpoint carries the resolved config that produced it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = work / CHECKPOINTS / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_resolved_config(ckpt, config, name="rere_config.yaml")
+
+    return [JsonlLog(), ConfigIntoCheckpoint()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model set-up
+
+
+def trainable_token_ids(tokenizer, index) -> list[int]:
+    """Token ids of the SID code tokens (empty for a title index)."""
+    if not index.new_tokens:
+        return []
+    ids = tokenizer.convert_tokens_to_ids(list(index.new_tokens))
+    unknown = [t for t, i in zip(index.new_tokens, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if unknown:
+        raise RereError(
+            f"the model's tokenizer lacks {len(unknown)} SID token(s) of the index (e.g. {unknown[:3]}); "
+            "rebuild the base model with this index (`rere model --index ...`)."
+        )
+    return list(ids)
+
+
+def lora_config(model, lora: dict, new_token_ids: list[int]):
+    """LoRA adapters on `target_modules`; with a SID index the input embedding and the output
+    layer are trained in full besides (peft `modules_to_save`), so the new code tokens learn.
+
+    peft's finer `trainable_token_indices` (only the new rows) does not work here: TRL 1.16's
+    SFTTrainer computes the loss with a fused LM head that reads `lm_head.weight` and
+    `lm_head.bias`, and peft's TrainableTokensWrapper has no `bias`. With tied input/output
+    embeddings, `ensure_weight_tying` keeps the trained copy tied to the output layer.
+    """
+    from peft import LoraConfig
+
+    kwargs = {}
+    if new_token_ids:
+        names = {m: n.split(".")[-1] for n, m in model.named_modules()}
+        kwargs["modules_to_save"] = [names[model.get_input_embeddings()]]
+        if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            kwargs["ensure_weight_tying"] = True
+        else:
+            kwargs["modules_to_save"].append(names[model.get_output_embeddings()])
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(args, config) -> int:
+    import datasets
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from rere import prompts, tracking
+    from rere.index import ItemIndex
+    from rere.metrics import select_rows
+    from rere.model import load_model
+
+    sft = config["sft"]
+    seed = config["seed"]
+    data, out = Path(args.data), Path(args.out)
+    dataset_name = data.name
+
+    # Everything that can be wrong with the inputs is checked before any training.
+    index = ItemIndex.load(args.index)
+    model, tokenizer, meta = load_model(args.model, index=index, for_training=True)
+    train_rows = select_rows(read_split(data / "train.csv"), sft["max_train_rows"], seed)
+    valid_rows = select_rows(read_split(data / "valid.csv"), sft["max_eval_rows"], seed)
+    if not train_rows or not valid_rows:
+        raise RereError(f"{data}: the train or valid split is empty; nothing to fine-tune on.")
+    style = meta["prompt_style"]
+    train_pc = prompt_completion_rows(train_rows, index, style, seed, "train")
+    valid_pc = prompt_completion_rows(valid_rows, index, style, seed, "valid")
+    new_ids = trainable_token_ids(tokenizer, index)
+    item_seqs = prompts.item_token_ids(tokenizer, index.codes, prompts.probe_prompts(index.codes, style, seed))
+    position = {item_id: p for p, item_id in enumerate(index.item_ids)}
+
+    work, resume = _prepare_work_dir(out)
+    if resume:
+        log.info("resuming from %s", resume)
+    set_seed(seed)
+
+    peft_config = None
+    if sft["lora"]["enabled"]:
+        peft_config = lora_config(model, sft["lora"], new_ids)
+    else:
+        model.requires_grad_(True)  # full fine-tuning, new SID embedding rows and output layer included
+
+    steps_per_eval = sft["eval_steps"]
+    targs = SFTConfig(
+        output_dir=str(work / CHECKPOINTS),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=sft["learning_rate"],
+        per_device_train_batch_size=sft["batch_size"],
+        per_device_eval_batch_size=sft["batch_size"],
+        gradient_accumulation_steps=sft["grad_accum"],
+        num_train_epochs=sft["epochs"],
+        max_steps=sft["max_steps"],
+        warmup_steps=min(sft["warmup_ratio"], 0.999),  # a float < 1 is a share of the steps (transformers 5)
+        lr_scheduler_type=sft["lr_scheduler"],
+        weight_decay=sft["weight_decay"],
+        bf16=sft["bf16"],
+        activation_checkpointing=False,
+        dataloader_pin_memory=False,
+        logging_steps=sft["logging_steps"],
+        eval_strategy="steps",
+        eval_steps=steps_per_eval,
+        save_strategy="steps",
+        save_steps=steps_per_eval,
+        save_total_limit=2,  # the best checkpoint is always kept besides the newest
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to="none",
+        completion_only_loss=True,
+        max_length=None,  # nothing is truncated; lengths are checked below
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=getattr(args, "quiet", False),
+    )
+
+    with tracking.stage_run(config, stage="sft", dataset=dataset_name, method=out.name, index_kind=index.kind) as mlrun:
+        trainer = SFTTrainer(
+            model=model,
+            args=targs,
+            train_dataset=datasets.Dataset.from_list(train_pc),
+            eval_dataset=datasets.Dataset.from_list(valid_pc),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[
+                EarlyStoppingCallback(early_stopping_patience=sft["patience"]),
+                *_make_callbacks(work, config),
+                mlrun.callback(),
+            ],
+        )
+        check_training_labels(trainer.train_dataset, [position[r["item_id"]] for r in train_rows], item_seqs, "train")
+        check_training_labels(trainer.eval_dataset, [position[r["item_id"]] for r in valid_rows], item_seqs, "valid")
+        longest = max(len(x) for x in trainer.train_dataset["input_ids"])
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise RereError(
+                f"the longest train sequence has {longest} tokens but the model takes {limit}; "
+                "shorten the histories (datasets.*.max_history) or use a model with longer context."
+            )
+
+        started = time.time()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.time() - started
+
+        best = trainer.state.best_metric
+        summary = {
+            "train_loss": result.training_loss,
+            "best_eval_loss": best,
+            "global_step": trainer.state.global_step,
+            "best_checkpoint_step": trainer.state.best_global_step,
+            "train_rows": len(train_rows),
+            "eval_rows": len(valid_rows),
+            "wall_s": wall,
+        }
+        log.info("sft done: %s", summary)
+        mlrun.log_metrics({k: float(v) for k, v in summary.items() if v is not None})
+
+        final = trainer.model
+        if peft_config is not None:
+            final = final.merge_and_unload()
+        final.eval()
+        _publish(final, tokenizer, work, out, {**meta, "stage": "sft", "base": str(args.model)}, config, summary)
+        mlrun.log_artifact(out / TRAINER_LOG)
+    return 0
