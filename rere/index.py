@@ -46,6 +46,7 @@ class SidConfig:
     embedder_model: str | None = None
     embedding_dim: int = 64
     kmeans_iters: int = 50
+    last_level: str = "distinct"
 
     def __post_init__(self):
         if isinstance(self.codebook_size, str) and self.codebook_size != "auto":
@@ -98,7 +99,10 @@ def tfidf_embeddings(texts: list[str], dim: int, seed: int) -> np.ndarray:
     if dim < 1:
         emb = tfidf.toarray()
     else:
-        emb = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed).fit_transform(tfidf)
+        svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # explained-variance ratio of a degenerate corpus
+            emb = svd.fit_transform(tfidf)  # (N, dim)
     return normalize(emb).astype(np.float64)  # (N, d)
 
 
@@ -124,8 +128,41 @@ def sentence_embeddings(texts: list[str], model_name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------- semantic IDs
 
 
-def residual_kmeans(emb: np.ndarray, levels: int, k: int, iters: int, seed: int) -> np.ndarray:
-    """Codes (N, levels) in [0, k): level l clusters the residual left by levels < l."""
+def capacity_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
+    """Labels (m,) from distances (m, k), each label used at most `capacity` times.
+
+    Greedy, closest (item, code) pairs first; ties by item then code order (stable sort).
+
+    >>> capacity_assign(np.array([[0.0, 1.0], [0.1, 0.2], [0.5, 0.3]]), 1).tolist()
+    [0, 1, -1]
+    >>> capacity_assign(np.array([[0.0, 1.0], [0.1, 0.2], [0.5, 0.3]]), 2).tolist()
+    [0, 0, 1]
+    """
+    m, k = dist.shape
+    labels = np.full(m, -1, dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    left = min(m, capacity * k)
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+        i, c = divmod(int(flat), k)
+        if labels[i] < 0 and load[c] < capacity:
+            labels[i] = c
+            load[c] += 1
+            left -= 1
+            if left == 0:
+                break
+    return labels
+
+
+def residual_kmeans(
+    emb: np.ndarray, levels: int, k: int, iters: int, seed: int, distinct_last: bool = True
+) -> np.ndarray:
+    """Codes (N, levels) in [0, k): level l clusters the residual left by levels < l.
+
+    distinct_last: at the last level, items that share the first levels-1 codes take
+    different codes where the codebook allows (nearest free centroid, each code at most
+    ceil(group / k) times) instead of all taking their nearest centroid; as LC-Rec's uniform
+    last-level mapping, this keeps codes semantic while leaving far fewer collisions.
+    """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -138,8 +175,20 @@ def residual_kmeans(emb: np.ndarray, levels: int, k: int, iters: int, seed: int)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             labels = km.fit_predict(residual)  # (N,)
+        centers = km.cluster_centers_  # (k', d)
+        if distinct_last and level == levels - 1:
+            # Fewer distinct points than codes: repeat centroids, so that identical items can
+            # still take different codes.
+            centers = centers[np.arange(k) % len(centers)]  # (k, d)
+            dist = ((residual[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # (N, k)
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for pos, prefix in enumerate(map(tuple, codes[:, :level].tolist())):
+                groups[prefix].append(pos)
+            for members in groups.values():
+                rows = np.array(members)
+                labels[rows] = capacity_assign(dist[rows], math.ceil(len(rows) / len(centers)))
         codes[:, level] = labels
-        residual = residual - km.cluster_centers_[labels]  # (N, d)
+        residual = residual - centers[labels]  # (N, d)
     return codes
 
 
@@ -297,10 +346,12 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         else:
             emb = sentence_embeddings(texts, cfg.embedder_model)
         log.info("residual k-means: %d levels x %d codes over %s embeddings", cfg.levels, k, emb.shape)
-        code_matrix = residual_kmeans(emb, cfg.levels, k, cfg.kmeans_iters, config["seed"])
+        distinct = cfg.last_level == "distinct"
+        code_matrix = residual_kmeans(emb, cfg.levels, k, cfg.kmeans_iters, config["seed"], distinct_last=distinct)
         item_ids = [r["item_id"] for r in records]
         codes, new_tokens, stats = sid_codes(item_ids, code_matrix, k)
         stats["embedder"] = cfg.embedder
+        stats["last_level"] = cfg.last_level
         items = [{"item_id": r["item_id"], "title": r["title"], "code": c} for r, c in zip(records, codes, strict=True)]
     else:
         raise RereError(f"key 'index.kind': {kind!r} is not title or sid.")

@@ -9,7 +9,7 @@ import pytest
 from rere import RereError
 from rere.cli import main
 from rere.config import load_config
-from rere.index import ItemIndex, auto_codebook_size, build_index, fingerprint, sid_codes
+from rere.index import ItemIndex, auto_codebook_size, build_index, capacity_assign, fingerprint, sid_codes
 from rere.io import write_catalogue, write_jsonl
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western", "Musical"]
@@ -85,9 +85,9 @@ def test_sid_codes_resolve_collisions_by_item_id():
 
 def test_sid_index_is_one_to_one_and_deterministic(tmp_path):
     make_catalogue(tmp_path / "data", n=40, duplicate_text={3, 17, 29})
-    config = load_config(overrides=["index.kind=sid", "index.sid.levels=2", "index.sid.embedding_dim=8"])
-    assert main(["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q", "--set", "index.kind=sid",
-                 "--set", "index.sid.levels=2", "--set", "index.sid.embedding_dim=8"]) == 0  # fmt: skip
+    sets = ["index.kind=sid", "index.sid.levels=2", "index.sid.embedding_dim=8", "index.sid.last_level=nearest"]
+    argv = ["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q"]
+    assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
     index = ItemIndex.load(tmp_path / "idx")
     assert index.kind == "sid" and len(set(index.codes)) == 40
     assert index.stats["codebook_size"] == 8  # auto: ceil(40 ** 0.5) = 7 -> 8
@@ -98,7 +98,33 @@ def test_sid_index_is_one_to_one_and_deterministic(tmp_path):
     assert index.stats["max_items_per_code"] >= 3 and index.stats["collision_rate"] >= 3 / 40
     for code in index.codes:  # every token of every code is a new token
         assert all(f"<{tok}" in index.new_tokens for tok in code.split("<")[1:])
-    assert build_index(tmp_path / "data", config).codes == index.codes
+    assert build_index(tmp_path / "data", load_config(overrides=sets)).codes == index.codes
+
+    # last_level=distinct (the default) spreads same-prefix items over the last codebook:
+    # the identical texts now differ at level 2 instead of needing the extra level.
+    distinct = build_index(tmp_path / "data", load_config(overrides=sets[:-1]))
+    assert len({distinct.codes[i] for i in (3, 17, 29)}) == 3
+    assert not any("<c_" in distinct.codes[i] for i in (3, 17, 29))
+    assert distinct.stats["collision_rate"] < index.stats["collision_rate"]
+
+
+def test_distinct_last_level_respects_capacity(tmp_path):
+    # 20 identical items, one level of 4 codes: each code takes exactly ceil(20 / 4) = 5
+    # items, and the extra level <b_0>..<b_4> makes the codes one-to-one.
+    make_catalogue(tmp_path / "data", n=20, duplicate_text=set(range(20)))
+    index = build_index(
+        tmp_path / "data", load_config(overrides=["index.kind=sid", "index.sid.levels=1", "index.sid.codebook_size=4"])
+    )
+    assert len(set(index.codes)) == 20
+    assert index.stats["max_items_per_code"] == 5 and index.stats["collision_rate"] == 1.0
+    assert index.new_tokens == ["<a_0>", "<a_1>", "<a_2>", "<a_3>", "<b_0>", "<b_1>", "<b_2>", "<b_3>", "<b_4>"]
+
+
+def test_capacity_assign_by_hand():
+    dist = np.array([[0.0, 1.0], [0.1, 0.2], [0.5, 0.3]])  # (items, codes)
+    # Closest pairs first: (0, 0) = 0.0, (1, 0) = 0.1 but code 0 is full, (1, 1) = 0.2; item 2 is left over.
+    assert capacity_assign(dist, 1).tolist() == [0, 1, -1]
+    assert capacity_assign(dist, 2).tolist() == [0, 0, 1]
 
 
 def test_sid_integer_codebook_and_config_errors(tmp_path):
