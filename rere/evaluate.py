@@ -1,0 +1,180 @@
+"""Full-catalogue evaluation: constrained beam search over every item, HR@K and NDCG@K.
+
+`rere evaluate --data data/D --index index/D --model models/D/M --out results/D/M`
+
+For each row of `evaluate.split` (or a deterministic subsample of `evaluate.max_rows`), the
+model writes `evaluate.num_beams` distinct catalogue items by trie-constrained beam search
+(rere.decoding); the beams, best first, are the ranked list. `predictions.jsonl` and
+`metrics.json` go through rere.metrics.write_results, the code the baselines use too.
+
+`evaluate_model` is the whole evaluation on an in-memory model, so the RL stage runs exactly
+this code for its periodic and final evaluations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from rere import RereError
+from rere.io import atomic_path, read_split, save_resolved_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="dataset folder from `rere data`")
+    parser.add_argument("--index", required=True, help="item index folder the model was trained with")
+    parser.add_argument("--model", required=True, help="model folder (from `rere sft`, `rere rl` or `rere model`)")
+    parser.add_argument("--out", required=True, help="results folder: metrics.json, predictions.jsonl, config.yaml")
+    parser.add_argument("--method", default=None, help="method name in metrics.json (default: the model folder's name)")
+
+
+def check_request(index, rows: list, ev: dict, split: str, source: str = "") -> None:
+    """The cheap checks that must pass before any decoding starts."""
+    if not rows:
+        raise RereError(f"{source or split}: the {split} split has no rows; nothing to evaluate.")
+    too_big = [k for k in ev["ks"] if k > ev["num_beams"]]
+    if too_big:
+        raise RereError(
+            f"evaluate.ks has {too_big} larger than evaluate.num_beams={ev['num_beams']}; "
+            "a list of B beams cannot be cut at K > B. Raise num_beams or drop those cut-offs."
+        )
+    if ev["num_beams"] > len(index.items):
+        raise RereError(
+            f"evaluate.num_beams={ev['num_beams']} but the catalogue has only {len(index.items)} items; "
+            "beams are distinct items, so set evaluate.num_beams <= the number of items."
+        )
+    known = set(index.item_ids)
+    for row in rows:
+        missing = [x for x in [*row["history_item_id"], row["item_id"]] if x not in known]
+        if missing:
+            raise RereError(
+                f"{source or split}: line {row.get('_line', '?')}: item id(s) {missing} are not in the index; "
+                "the data and the index come from different datasets (rebuild the index with `rere index`)."
+            )
+
+
+def build_trie(model, tokenizer, index, style: str, seed: int):
+    """The catalogue trie of the tokens the model writes after a prompt (EOS included)."""
+    from rere import prompts
+    from rere.decoding import ItemTrie
+
+    seqs = prompts.item_token_ids(tokenizer, index.codes, prompts.probe_prompts(index.codes, style, seed))
+    return ItemTrie.from_sequences(seqs, model.config.get_text_config().vocab_size)
+
+
+def prompt_ids(tokenizer, rows: list[dict], index, style: str, seed: int) -> list[list[int]]:
+    """Token ids of each row's prompt (`rere.prompts.row_prompt`), tokenized as SFT tokenizes
+    it (the tokenizer's special tokens included)."""
+    from rere import prompts
+
+    codes = dict(zip(index.item_ids, index.codes, strict=True))
+    return tokenizer([prompts.row_prompt(r, codes, style, seed) for r in rows])["input_ids"]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    index,
+    rows: list[dict],
+    config: dict,
+    *,
+    style: str,
+    split: str | None = None,
+    trie=None,
+    progress: bool = True,
+) -> tuple[list[list[int]], list[list[float]], dict]:
+    """Rank the catalogue for every row by constrained beam search.
+
+    Returns (ranked item ids per row, best first; their sequence log-probs; metrics), where
+    metrics has hr@K / ndcg@K for `evaluate.ks`, rows, invalid (beams that are not a catalogue
+    item, or repeat one: must be 0), throughput (rows/s of decoding), split and num_beams.
+    `trie` can be passed to reuse one across calls (it depends only on tokenizer and index).
+    """
+    import torch
+
+    from rere.decoding import beam_search
+    from rere.metrics import hr_ndcg, rank_of
+
+    ev = config["evaluate"]
+    split = split or ev["split"]
+    check_request(index, rows, ev, split)
+    seed = config["seed"]
+    if trie is None:
+        trie = build_trie(model, tokenizer, index, style, seed)
+    ids = prompt_ids(tokenizer, rows, index, style, seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    n_items = len(index.item_ids)
+    started = time.perf_counter()
+    with torch.no_grad():
+        beams = beam_search(model, ids, trie, ev["num_beams"], pad, ev["batch_size"], progress=progress)
+    elapsed = time.perf_counter() - started
+    ranked: list[list[int]] = []
+    scores: list[list[float]] = []
+    invalid = 0
+    for row_beams in beams:
+        items, item_scores, seen = [], [], set()
+        for pos, logp in row_beams:
+            if not (0 <= int(pos) < n_items) or pos in seen:
+                invalid += 1  # not a catalogue item, or one already in this row's list
+                continue
+            seen.add(pos)
+            items.append(index.item_ids[pos])
+            item_scores.append(float(logp))
+        invalid += ev["num_beams"] - len(row_beams)  # a beam that ended without an item
+        ranked.append(items)
+        scores.append(item_scores)
+    if invalid:
+        log.error("%d generated beams were not distinct catalogue items; constrained decoding is broken.", invalid)
+
+    metrics = dict(hr_ndcg([rank_of(r, row["item_id"]) for r, row in zip(ranked, rows, strict=True)], ev["ks"]))
+    metrics.update(
+        rows=len(rows),
+        invalid=invalid,
+        throughput=len(rows) / elapsed if elapsed > 0 else float("inf"),
+        split=split,
+        num_beams=ev["num_beams"],
+    )
+    return ranked, scores, metrics
+
+
+def run(args, config) -> int:
+    import torch
+
+    from rere import tracking
+    from rere.index import ItemIndex
+    from rere.metrics import select_rows, write_results
+    from rere.model import load_model
+
+    ev = config["evaluate"]
+    data, out, model_dir = Path(args.data), Path(args.out), Path(args.model)
+    split = ev["split"]
+    method = args.method or model_dir.name
+    dataset = data.name
+
+    index = ItemIndex.load(args.index)
+    split_file = data / f"{split}.csv"
+    rows = select_rows(read_split(split_file), ev["max_rows"], config["seed"])
+    check_request(index, rows, ev, split, source=str(split_file))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, meta = load_model(model_dir, index=index, device=device)
+
+    with tracking.stage_run(config, stage="evaluate", dataset=dataset, method=method, index_kind=index.kind) as mlrun:
+        ranked, scores, metrics = evaluate_model(
+            model, tokenizer, index, rows, config, style=meta["prompt_style"], split=split
+        )
+        extra = {k: metrics[k] for k in ("invalid", "throughput", "split", "num_beams")}
+        extra.update(method=method, dataset=dataset)
+        with atomic_path(out) as tmp:
+            final = write_results(tmp, rows, ranked, scores, ev["ks"], extra=extra)
+            save_resolved_config(tmp, config)
+        mlrun.log_metrics(final)
+        mlrun.log_artifact(out / "metrics.json")
+    shown = ", ".join(f"{k}={final[k]:.4f}" for k in final if k.startswith(("hr@", "ndcg@")))
+    log.info(
+        "%s on %s/%s (%d rows, %.1f rows/s): %s", method, dataset, split, final["rows"], final["throughput"], shown
+    )
+    return 0
