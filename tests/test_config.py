@@ -65,7 +65,7 @@ def test_flatten():
 
 
 def test_cli_reports_config_error_without_traceback(capsys):
-    assert main(["index", "--set", "sft.nope=1"]) == 2
+    assert main(["data", "--dataset", "ml100k", "--out", "unused", "--set", "sft.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key ['nope'] under 'sft'" in err
     assert "Traceback" not in err
