@@ -409,7 +409,8 @@ def fit_grid(
 
     `data.splits` needs train and valid only; the evaluated split plays no part in the choice.
     """
-    results, models = [], []
+    results: list[dict] = []
+    best_model = None
     for g, hp in enumerate(cfg.grid):
         desc = f"{method} {g + 1}/{len(cfg.grid)}"
         log.info("%s: %s", desc, {k: getattr(hp, k) for k in GRID_KEYS})
@@ -420,10 +421,11 @@ def fit_grid(
 
         model, best = train_one(method, data, hp, seed, on_epoch=on_epoch, desc=desc)
         results.append({"hyperparameters": asdict(hp), **best})
-        models.append(model)
+        if select_best(results) == g:  # only the current winner is kept in memory
+            best_model = model
     chosen = select_best(results)
     log.info("%s: grid point %d wins with valid NDCG@10 %.4f", method, chosen + 1, results[chosen]["valid_ndcg@10"])
-    return models[chosen], cfg.grid[chosen], results
+    return best_model, cfg.grid[chosen], results
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -494,10 +496,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
         raise RereError(
             f"evaluate.ks has {top_k} but the catalogue has only {data.num_items} items; lower the cut-offs."
         )
-    seq_cfg = None
-    if method != "pop":
-        sc = config["baselines"]["sasrec"]
-        seq_cfg = SequentialConfig(**sc)
+    seq_cfg = SequentialConfig(**config["baselines"]["sasrec"]) if method != "pop" else None  # checked before training
     eval_rows = select_rows(data.splits[split], ev["max_rows"], config["seed"])
     if config["baselines"]["num_threads"] > 0:
         # Measured on a shared 2-core machine: 2 intra-op threads ran 30x slower than 1 (spinning
