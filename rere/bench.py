@@ -277,7 +277,7 @@ def bench_decode(args: argparse.Namespace, config: dict) -> int:
     ours_step_ms = 1e3 * (ours_s - stats["prefill_s"]) / stats["steps"]
     same_base, diff_base = _compare(ours, base)
     same_stock, diff_stock = _compare(ours, stock)
-    wide = int((trie.dense_index > 0).sum())
+    wide = int(trie.wide.sum())
     figures = {
         "items": trie.num_items,
         "trie_nodes": trie.num_nodes,

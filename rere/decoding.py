@@ -7,8 +7,8 @@ sequences are valid. The peers check that with a Python loop over every beam at 
 - `ItemTrie` holds every item's completion tokens (each ends with EOS) as tensors: a dense
   table for the root's transitions, a sorted edge list (CSR order) for the others, and per
   node its allowed next tokens, as a padded (node, K) table for nodes with at most K
-  children and a dense (row, vocab) boolean table for the few wide nodes. A beam's state is
-  one integer node id.
+  children, read from the CSR rows for the few wider nodes. A beam's state is one integer
+  node id.
 - `TrieLogitsProcessor` plugs the trie into stock `generate` beam search: stateless (each
   beam's node is recomputed from its generated tokens), a handful of tensor ops per step.
 - `beam_search` is our own loop with the same selection rule as transformers 5.x
@@ -69,8 +69,10 @@ class ItemTrie:
         edge_child: torch.Tensor,
         item_of_leaf: torch.Tensor,
         sparse_children: torch.Tensor,
-        dense_index: torch.Tensor,
-        dense_allowed: torch.Tensor,
+        edge_token: torch.Tensor,
+        edge_start: torch.Tensor,
+        fanout: torch.Tensor,
+        wide: torch.Tensor,
         prefix_keys: torch.Tensor,
         prefix_nodes: torch.Tensor,
         depth_start: list[int],
@@ -84,8 +86,10 @@ class ItemTrie:
         self.edge_child = edge_child  # (E,) child node of each edge
         self.item_of_leaf = item_of_leaf  # (num_nodes,) item position at a leaf, else -1
         self.sparse_children = sparse_children  # (num_nodes + 1, K) allowed tokens, padded with a repeat
-        self.dense_index = dense_index  # (num_nodes + 1,) row in dense_allowed, 0 = not a wide node
-        self.dense_allowed = dense_allowed  # (R + 1, V) bool; row 0 unused (all False)
+        self.edge_token = edge_token  # (E,) token of each edge (CSR column)
+        self.edge_start = edge_start  # (num_nodes + 1,) first edge of each node (CSR row start)
+        self.fanout = fanout  # (num_nodes + 1,) children per node (sink: 0)
+        self.wide = wide  # (num_nodes + 1,) bool: more than K children, read from the CSR rows
         # Prefix hash -> node, for the stateless processor: nodes sorted by (depth, key); the
         # nodes of depth d are [depth_start[d], depth_start[d + 1]).
         self.prefix_keys = prefix_keys  # (num_nodes,) 62-bit hash of each node's token path
@@ -174,23 +178,17 @@ class ItemTrie:
         at_root = parent_t == 0
         root_child[token_t[at_root]] = child_t[at_root]
 
-        # Allowed next tokens per node: padded table for narrow nodes, boolean rows for wide ones.
-        fanout = torch.bincount(parent_t, minlength=num_nodes)  # (num_nodes,)
-        start = torch.cumsum(fanout, 0) - fanout  # (num_nodes,) CSR row start
+        # Allowed next tokens per node: padded table for narrow nodes, CSR rows for wide ones.
+        fanout = torch.bincount(parent_t, minlength=num_nodes + 1)  # (num_nodes + 1,) the sink has none
+        start = torch.cumsum(fanout, 0) - fanout  # (num_nodes + 1,) CSR row start
         k = max_sparse_children
         sparse = torch.full((num_nodes + 1, k), eos, dtype=torch.long)  # leaves and sink: EOS only
         narrow = (fanout > 0) & (fanout <= k)
         rank = torch.arange(len(tokens)) - start[parent_t]  # (E,) position of each edge in its row
         first = token_t[start[fanout > 0]]  # (inner nodes,) first child token, used as padding
-        sparse[:num_nodes][fanout > 0] = first[:, None].expand(-1, k)
+        sparse[fanout > 0] = first[:, None].expand(-1, k)
         on_narrow = narrow[parent_t]
         sparse[parent_t[on_narrow], rank[on_narrow]] = token_t[on_narrow]
-        wide = (fanout > k).nonzero().squeeze(1)  # (R,)
-        dense_index = torch.zeros(num_nodes + 1, dtype=torch.long)
-        dense_index[wide] = torch.arange(1, len(wide) + 1)
-        dense_allowed = torch.zeros((len(wide) + 1, vocab_size), dtype=torch.bool)
-        on_wide = fanout[parent_t] > k
-        dense_allowed[dense_index[parent_t[on_wide]], token_t[on_wide]] = True
 
         prefix = _prefix_hashes(parents, tokens, depth, num_nodes, max(depth))
         trie = cls(
@@ -202,8 +200,10 @@ class ItemTrie:
             edge_child=child_t,
             item_of_leaf=item_of_leaf,
             sparse_children=sparse,
-            dense_index=dense_index,
-            dense_allowed=dense_allowed,
+            edge_token=token_t,
+            edge_start=start,
+            fanout=fanout,
+            wide=fanout > k,
             **prefix,
         )
         log.debug(
@@ -211,7 +211,7 @@ class ItemTrie:
             trie.num_items,
             num_nodes,
             trie.max_depth,
-            len(wide),
+            int((fanout > k).sum()),
         )
         return trie
 
@@ -286,9 +286,9 @@ class ItemTrie:
 
         scores (N, W) with W >= vocab_size (extra columns, e.g. a padded embedding matrix,
         are never allowed); nodes (N,), -1 = off the trie (allows EOS only, like a leaf).
-        Cost: one gather/fill/scatter over (N, K) plus a full-width pass only for the rows
-        at wide nodes (typically the root, i.e. the first step). One host sync (the number
-        of rows at wide nodes), none per beam.
+        Cost: a gather, a fill and a scatter over (N, K), plus for rows at wide nodes a
+        gather/scatter of exactly their allowed tokens (a ragged CSR read). One host sync per
+        call (the number of rows at wide nodes and of their tokens), none per beam.
         """
         if scores.shape[-1] < self.vocab_size:
             raise RereError(
@@ -298,17 +298,32 @@ class ItemTrie:
         rows = torch.where(nodes < 0, self.sink, nodes)  # (N,)
         idx = self.sparse_children[rows]  # (N, K)
         kept = scores.gather(1, idx)  # (N, K)
-        dense_rows = self.dense_index[rows]  # (N,)
-        wide = dense_rows.nonzero().squeeze(1)  # (D,)  the one host sync
+        wide = self.wide[rows].nonzero().squeeze(1)  # (D,) the host sync
         if len(wide):
-            wide_kept = scores[wide, : self.vocab_size].masked_fill(
-                ~self.dense_allowed[dense_rows[wide]], NEG_INF
-            )  # (D, V)
+            wide_rows, wide_tokens = self._csr_entries(wide, rows[wide])  # (S,), (S,)
+            if scores.is_contiguous():  # flat index_select/index_copy_: several times faster than [rows, cols]
+                flat = wide_rows * scores.shape[1] + wide_tokens  # (S,)
+                wide_kept = scores.view(-1).index_select(0, flat)  # (S,)
+            else:
+                wide_kept = scores[wide_rows, wide_tokens]  # (S,)
         scores.fill_(NEG_INF)
         scores.scatter_(1, idx, kept)
         if len(wide):
-            scores[wide, : self.vocab_size] = wide_kept
+            if scores.is_contiguous():
+                scores.view(-1).index_copy_(0, flat, wide_kept)
+            else:
+                scores[wide_rows, wide_tokens] = wide_kept
         return scores
+
+    def _csr_entries(self, beams: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beam, allowed token) pairs for beams (D,) at nodes (D,): each node's CSR row, flattened."""
+        counts = self.fanout[nodes]  # (D,)
+        total = int(counts.sum())
+        beam_of = beams.repeat_interleave(counts, output_size=total)  # (S,)
+        # Entry s of the flattened rows is edge s - (row's offset in the output) + (row's first edge).
+        shift = self.edge_start[nodes] - (torch.cumsum(counts, 0) - counts)  # (D,)
+        edge = torch.arange(total, device=self.device) + shift.repeat_interleave(counts, output_size=total)  # (S,)
+        return beam_of, self.edge_token[edge]
 
     def allowed(self, nodes: torch.Tensor) -> torch.Tensor:
         """(N,) nodes -> (N, V) bool of allowed next tokens (through `mask_`, for checks and tests)."""
