@@ -246,8 +246,11 @@ def test_one_training_step_changes_the_policy_and_logs(tiny):
 
     from rere.model import load_model
 
-    assert main(rl_args(tiny, "rere", "models/tiny/rere", "rl.batch_prompts=4")) == 0
+    results = tiny / "results/tiny/rere"
+    assert main([*rl_args(tiny, "rere", "models/tiny/rere", "rl.batch_prompts=4"), "--eval-out", str(results)]) == 0
     out = tiny / "models/tiny/rere"
+    metrics = json.loads((results / "metrics.json").read_text())  # the final evaluation, as `rere evaluate`
+    assert metrics["method"] == "rere" and metrics["invalid"] == 0 and 0 <= metrics["ndcg@5"] <= 1
     meta = json.loads((out / "rere.json").read_text())
     assert meta["stage"] == "rl" and meta["variant"] == "rere"
     assert not (tiny / "models/tiny/rere.partial").exists()
