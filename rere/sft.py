@@ -24,6 +24,7 @@ Rerunning on a finished `out` with a larger `sft.max_steps` moves its checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_LOG = "trainer_log.jsonl"
+INPUTS = "sft_inputs.json"  # inputs_signature of the run that made the checkpoints
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -116,19 +118,45 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _prepare_work_dir(out: Path) -> tuple[Path, Path | None]:
+# Keys that may change between a run and its resumption (e.g. a longer run on the same folder).
+RESUMABLE_KEYS = ("max_steps", "epochs", "patience", "logging_steps")
+
+
+def inputs_signature(config: dict, data: Path, index, base: Path) -> dict:
+    """What a checkpoint depends on: resuming is refused when any of it changed (a rebuilt base
+    model, another index or train split, another learning rate...)."""
+    digest = hashlib.sha256()
+    for path in sorted(base.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin"):
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 24))  # the first 16 MiB: enough to tell two bases apart
+            digest.update(str(path.stat().st_size).encode())
+    split = hashlib.sha256((data / "train.csv").read_bytes()).hexdigest()
+    sft = {k: v for k, v in config["sft"].items() if k not in RESUMABLE_KEYS}
+    return {"index": index.fingerprint, "base": digest.hexdigest(), "train": split, "seed": config["seed"], "sft": sft}
+
+
+def _prepare_work_dir(out: Path, signature: dict) -> tuple[Path, Path | None]:
     """Return (work dir, checkpoint to resume from or None)."""
     work = partial_dir(out)
     ckpt_dir = work / CHECKPOINTS
-    if last_complete_checkpoint(ckpt_dir) is None and last_complete_checkpoint(out / CHECKPOINTS) is not None:
-        # A finished run: continue from its checkpoints (e.g. with a larger max_steps).
-        work.mkdir(parents=True, exist_ok=True)
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        os.replace(out / CHECKPOINTS, ckpt_dir)
+    if work.exists() and _read_signature(work / INPUTS) != signature:
+        log.warning("%s was made from other inputs or settings; starting over", work)
+        shutil.rmtree(work)
+    finished = out / CHECKPOINTS
+    if (
+        not work.exists()
+        and last_complete_checkpoint(finished) is not None
+        and _read_signature(out / INPUTS) == signature
+    ):
+        # A finished run on the same inputs: continue from its checkpoints (e.g. a larger max_steps).
+        ckpt_dir.parent.mkdir(parents=True)
+        os.replace(finished, ckpt_dir)
         if (out / TRAINER_LOG).is_file():
             shutil.copyfile(out / TRAINER_LOG, work / TRAINER_LOG)
     work.mkdir(parents=True, exist_ok=True)
+    (work / INPUTS).write_text(json.dumps(signature, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shutil.rmtree(work / "final", ignore_errors=True)  # a publish cut short; out/ is still intact
     for p in ckpt_dir.glob("checkpoint-*"):
         if not (p / "trainer_state.json").is_file():
@@ -136,6 +164,13 @@ def _prepare_work_dir(out: Path) -> tuple[Path, Path | None]:
     resume = last_complete_checkpoint(ckpt_dir)
     _truncate_log(work / TRAINER_LOG, _step_of(resume) if resume else 0)
     return work, resume
+
+
+def _read_signature(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -167,6 +202,7 @@ def _publish(model, tokenizer, work: Path, out: Path, meta: dict, config: dict, 
     (staged / "sft_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if (work / TRAINER_LOG).is_file():
         shutil.copyfile(work / TRAINER_LOG, staged / TRAINER_LOG)
+    shutil.copyfile(work / INPUTS, staged / INPUTS)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staged, out)
@@ -277,7 +313,7 @@ def run(args, config) -> int:
     item_seqs = prompts.item_token_ids(tokenizer, index.codes, prompts.probe_prompts(index.codes, style, seed))
     position = {item_id: p for p, item_id in enumerate(index.item_ids)}
 
-    work, resume = _prepare_work_dir(out)
+    work, resume = _prepare_work_dir(out, inputs_signature(config, data, index, Path(args.model)))
     if resume:
         log.info("resuming from %s", resume)
     set_seed(seed)

@@ -290,3 +290,21 @@ def test_bad_input_is_refused_before_training(title_base, sid_base, tmp_path, ca
     assert main([*args, "--out", str(out), *sets()]) == 2
     assert "train.csv does not exist" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "sft.partial").exists()
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path):
+    """A rebuilt base model or changed settings (Snakemake reruns the rule) start over."""
+    from rere.sft import INPUTS, _prepare_work_dir
+
+    out = tmp_path / "sft"
+    ckpt = tmp_path / "sft.partial" / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (tmp_path / "sft.partial" / INPUTS).write_text(json.dumps({"base": "a"}))
+    (tmp_path / "sft.partial" / "checkpoints" / "checkpoint-8").mkdir()  # cut short while saving
+
+    work, resume = _prepare_work_dir(out, {"base": "a"})
+    assert resume == ckpt and not (work / "checkpoints" / "checkpoint-8").exists()
+    work, resume = _prepare_work_dir(out, {"base": "b"})
+    assert resume is None and not ckpt.exists()
+    assert json.loads((work / INPUTS).read_text()) == {"base": "b"}
