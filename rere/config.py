@@ -81,6 +81,12 @@ def _cross_checks(config: dict, source: str) -> None:
             raise RereError(f"{source}: key 'datasets.{name}.category' is required for source amazon (e.g. Office_Products).")
         if ds["source"] == "d3" and not ds.get("path"):
             raise RereError(f"{source}: key 'datasets.{name}.path' is required for source d3 (a folder with train/valid/test.csv and info.txt).")
+    clash = sorted(set(config["rl"]["variants"]) & ({"base", "sft"} | set(config["baselines"]["methods"])))
+    if clash:
+        raise RereError(
+            f"{source}: key 'rl.variants' has {clash}, which are also stage or baseline names; "
+            "rename those variants (they name model and results folders)."
+        )
     if config["model"]["init"] == "pretrained" and not config["model"]["name_or_path"]:
         raise RereError(f"{source}: key 'model.name_or_path' is required when model.init is pretrained.")
 

@@ -47,6 +47,8 @@ def test_later_files_override_and_datasets_replace(tmp_path):
 def test_cross_field_requirements():
     with pytest.raises(RereError, match="datasets.a.category"):
         load_config(overrides=["datasets={a: {source: amazon}}"])
+    with pytest.raises(RereError, match=r"rl.variants' has \['pop', 'sft'\]"):
+        load_config(overrides=["rl.variants={sft: {}, pop: {}}"])
     with pytest.raises(RereError, match="model.name_or_path"):
         load_config(overrides=["model.init=pretrained"])
 
