@@ -241,7 +241,7 @@ def test_sasrec_cli_end_to_end_with_mlflow(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [f"baselines.sasrec.{k}={v}" for k, v in FAST.items()] + [
         "baselines.sasrec.dropout=[0.0, 0.1]",
-        "baselines.sasrec.epochs=10",
+        "baselines.sasrec.epochs=6",
         "evaluate.max_rows=25",
         f"tracking.tracking_uri={uri}",
     ]
