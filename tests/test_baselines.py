@@ -74,7 +74,7 @@ def make_successor_data(folder: Path, users: int = 40, valid_shift: int = 1) -> 
 
 
 FAST = dict(
-    hidden_size=32, num_layers=1, num_heads=2, dropout=0.1, learning_rate=1e-2, batch_size=32, epochs=25, patience=3
+    hidden_size=32, num_layers=1, num_heads=2, dropout=0.1, learning_rate=1e-2, batch_size=32, epochs=12, patience=2
 )
 
 
