@@ -26,6 +26,7 @@ import numbers
 import os
 import posixpath
 import re
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -94,7 +95,10 @@ def _reachable(uri: str, timeout: float = 5.0) -> bool:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return True  # the server answered, even if not with 200
-    except (urllib.error.URLError, OSError, ValueError):
+    except urllib.error.URLError as exc:
+        # A TLS complaint means something answered; MLflow has its own TLS settings for that.
+        return isinstance(exc.reason, ssl.SSLError)
+    except (OSError, ValueError):
         return False
     return True
 
