@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the titles")
     parser.add_argument("--hidden-size", type=int, default=256, help="Qwen2 hidden size (default 256)")
     parser.add_argument("--layers", type=int, default=4, help="Qwen2 decoder layers (default 4)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: small ops stay comparable on a shared machine; 0: torch's default)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
 
 
@@ -189,6 +195,8 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise RereError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.beams > args.items:
         raise RereError(f"--beams {args.beams} is larger than --items {args.items}; beams are distinct items.")
+    if args.threads < 0:
+        raise RereError(f"--threads must be >= 0 (0: torch's default), got {args.threads}.")
     if args.vocab_size < 300:
         raise RereError(f"--vocab-size must be >= 300 (256 bytes + merges), got {args.vocab_size}.")
 
@@ -250,6 +258,8 @@ def _clock(fn, *args, **kwargs):
 def bench_decode(args: argparse.Namespace, config: dict) -> int:
     _check_sizes(args)
     seed = int(config["seed"])
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     setup = build_setup(args, seed)
     model, trie, prompts, pad_id = setup["model"], setup["trie"], setup["prompts"], setup["pad_id"]

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
 from rere import RereError
 
@@ -463,6 +464,77 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return out.logits[:, -1, :].float(), out.cache, positions[:, -1:]
 
 
+class _SharedPromptLayer(DynamicLayer):
+    """One attention layer's cache for the beams (or samples) of prompts that share their prompt.
+
+    `DynamicLayer` grows by concatenation (a copy of the whole cache per token) and beam
+    reordering gathers the whole cache (another copy per step). Here the prompt's keys and
+    values are written once, repeated to the rows of each prompt, into a buffer with room
+    for `capacity` new tokens: a new token is written in place, and a reorder, which only
+    ever permutes rows of the same prompt, touches only the generated slots (the prompt
+    part is identical across those rows).
+    """
+
+    def __init__(self, layer: DynamicLayer, repeats: int, capacity: int):
+        super().__init__()
+        keys, values = layer.keys, layer.values  # (b, H, T, D)
+        b, heads, prompt, dim = keys.shape
+        self.key_buffer = keys.new_empty((b * repeats, heads, prompt + capacity, dim))
+        self.value_buffer = values.new_empty((b * repeats, values.shape[1], prompt + capacity, values.shape[-1]))
+        self.key_buffer[:, :, :prompt] = keys.repeat_interleave(repeats, dim=0)  # (b*R, H, T, D)
+        self.value_buffer[:, :, :prompt] = values.repeat_interleave(repeats, dim=0)
+        self.prompt_length = self.length = prompt
+        self.device = keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]  # (b*R, H, T+t, D) view, no copy
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if self.length + new > self.key_buffer.shape[-2]:
+            raise RuntimeError("shared-prompt cache is full; this is a bug in rere.decoding.")
+        self.key_buffer[:, :, self.length : self.length + new] = key_states
+        self.value_buffer[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        start, end = self.prompt_length, self.length
+        if end > start:
+            self.key_buffer[:, :, start:end] = self.key_buffer[beam_idx, :, start:end]
+            self.value_buffer[:, :, start:end] = self.value_buffer[beam_idx, :, start:end]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a shared-prompt cache is already expanded")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a shared-prompt cache keeps all its rows")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a shared-prompt cache is not croppable")
+
+
+def _expand_cache(cache: DynamicCache, repeats: int, capacity: int) -> None:
+    """Expand a prefilled cache of b prompts to b*repeats rows, in place.
+
+    Plain attention layers become `_SharedPromptLayer`s; any other layer kind (sliding
+    window, linear attention...) makes the whole cache fall back to transformers' own
+    `batch_repeat_interleave`, reordered by `reorder_cache` like stock beam search does.
+    Rows r*repeats .. r*repeats + repeats - 1 belong to prompt r; reorders must stay within them.
+    """
+    if cache.layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+        cache.layers = [_SharedPromptLayer(layer, repeats, capacity) for layer in cache.layers]
+    else:
+        cache.batch_repeat_interleave(repeats)
+
+
 def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """Feed one token per row: tokens (N,), mask (N, T+t+1), positions (N, 1) -> logits (N, V)."""
     out = model(
@@ -581,7 +653,7 @@ def _beam_search_batch(model, prompts, trie: ItemTrie, num_beams: int, pad_token
         if not open_.any() or ends.all():
             break
         if t == 0:
-            cache.batch_repeat_interleave(beams)  # every beam of a prompt shares its prompt cache
+            _expand_cache(cache, beams, trie.max_depth)  # every beam of a prompt shares its prompt cache
         else:
             cache.reorder_cache((origin + row_offset).view(-1))  # (b*B,)
 
@@ -763,7 +835,7 @@ def _sample_batch(model, prompts, trie, num_samples, temperature, generator, pad
         if trie.is_leaf(nodes).all():
             break
         if t == 0:
-            cache.batch_repeat_interleave(g)
+            _expand_cache(cache, g, trie.max_depth)
     items = trie.item_of_leaf[nodes.clamp(min=0)]  # (b*G,)
     if (nodes < 0).any() or (items < 0).any():
         raise RereError("constrained sampling left the item trie; this is a bug in rere.decoding.")
