@@ -97,6 +97,8 @@ class ItemTrie:
         self.prefix_nodes = prefix_nodes  # (num_nodes,) node of each key
         self.depth_start = depth_start  # max_depth + 2 offsets
         self.hash_powers = hash_powers  # (2, max_depth) base**j modulo each of HASH_MODULI
+        self.hash_moduli = torch.tensor(HASH_MODULI, device=hash_powers.device)  # (2,)
+        self.hash_mix = torch.tensor([HASH_MODULI[1], 1], device=hash_powers.device)  # (2,)
         self.num_nodes = item_of_leaf.shape[0]
         self.sink = self.num_nodes
         self.num_items = int((item_of_leaf >= 0).sum())
@@ -265,22 +267,21 @@ class ItemTrie:
         are a trie path (keys are unique per depth, checked at build), which is every beam
         the mask ever let through. Any other row (past a leaf, stock's filler beams) gives
         -1, or by a hash coincidence some node of the same depth; such rows already carry
-        a score of -inf or about -1e9 and cannot reach the returned beams.
+        a score of -inf or about -1e9 and cannot reach the returned beams. Token ids must be
+        non-negative and below 2**18 (ids at or above vocab_size simply match no node).
+        About ten tensor ops whatever t: this runs at every step of stock beam search.
         """
         n, t = tokens.shape
         if t == 0:
             return torch.zeros(n, dtype=torch.long, device=self.device)
         if t > self.max_depth:
             return torch.full((n,), -1, dtype=torch.long, device=self.device)
-        in_vocab = ((tokens >= 0) & (tokens < self.vocab_size)).all(dim=1)  # (N,)
-        tok = tokens.clamp(0, self.vocab_size - 1)  # (N, t)
-        h1 = (tok * self.hash_powers[0, :t]).sum(dim=1) % HASH_MODULI[0]  # (N,)
-        h2 = (tok * self.hash_powers[1, :t]).sum(dim=1) % HASH_MODULI[1]  # (N,)
-        key = h1 * HASH_MODULI[1] + h2  # (N,)
+        hashes = (tokens @ self.hash_powers[:, :t].T) % self.hash_moduli  # (N, 2) exact in int64
+        key = hashes @ self.hash_mix  # (N,) h1 * M2 + h2
         lo, hi = self.depth_start[t], self.depth_start[t + 1]
-        keys, nodes = self.prefix_keys[lo:hi], self.prefix_nodes[lo:hi]
-        at = torch.searchsorted(keys, key).clamp(max=hi - lo - 1)  # (N,)
-        return torch.where((keys[at] == key) & in_vocab, nodes[at], -1)
+        keys = self.prefix_keys[lo:hi]
+        at = torch.searchsorted(keys, key).clamp_(max=hi - lo - 1)  # (N,)
+        return torch.where(keys[at] == key, self.prefix_nodes[lo:hi][at], -1)
 
     def mask_(self, scores: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """Set every token not allowed after each row's node to -inf, in place; returns `scores`.
@@ -296,7 +297,7 @@ class ItemTrie:
                 f"the model scores {scores.shape[-1]} tokens but the item trie was built for a vocabulary of "
                 f"{self.vocab_size}; build the trie with the model's vocabulary size."
             )
-        rows = torch.where(nodes < 0, self.sink, nodes)  # (N,)
+        rows = nodes  # (N,) -1 indexes the last row of each table: the sink
         idx = self.sparse_children[rows]  # (N, K)
         kept = scores.gather(1, idx)  # (N, K)
         wide = self.wide[rows].nonzero().squeeze(1)  # (D,) the host sync
@@ -363,7 +364,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         return self.trie.mask_(scores, nodes)
 
 
-# Two primes below 2**31: token * base**j stays below 2**48 and a sum over a few thousand
+# Two primes below 2**31: token (< 2**18) * base**j stays below 2**49 and a sum over a few thousand
 # positions below 2**63, so int64 arithmetic is exact; the key h1 * M2 + h2 is below 2**62.
 HASH_MODULI = (2_147_483_647, 2_147_483_629)
 _HASH_BASES = [(1_000_003, 998_244_353), (911_382_323, 972_663_749), (31_337, 1_234_567_891)]
