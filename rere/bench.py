@@ -24,6 +24,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import random
 import statistics
 import time
@@ -169,19 +170,19 @@ def peer_processor(trie_seqs: list[list[int]], eos_id: int, num_beams: int):
 
 
 class _Timed(LogitsProcessor):
-    """Wrap a processor and record the wall seconds of each call."""
+    """Wrap a processor and record (start, wall seconds) of each call."""
 
-    def __init__(self, inner: LogitsProcessor, record: list[float]):
+    def __init__(self, inner: LogitsProcessor, record: list[tuple[float, float]]):
         self.inner, self.record = inner, record
 
     def __call__(self, input_ids, scores):
         start = time.perf_counter()
         out = self.inner(input_ids, scores)
-        self.record.append(time.perf_counter() - start)
+        self.record.append((start, time.perf_counter() - start))
         return out
 
 
-def _timed(make, record: list[float]):
+def _timed(make, record: list[tuple[float, float]]):
     return lambda trie, prompt_length: _Timed(make(trie, prompt_length), record)
 
 
@@ -272,16 +273,20 @@ def bench_decode(args: argparse.Namespace, config: dict) -> int:
 
     stats: dict = {}
     ours, ours_s, ours_cpu = _clock(beam_search, model, prompts, trie, beams, pad_id, bs, stats=stats)
-    trie_calls: list[float] = []
+    trie_calls: list[tuple[float, float]] = []
     trie_proc = _timed(TrieLogitsProcessor, trie_calls)
     stock, stock_s, stock_cpu = _clock(stock_beam_search, model, prompts, trie, beams, pad_id, bs, processor=trie_proc)
-    peer_calls: list[float] = []
+    peer_calls: list[tuple[float, float]] = []
     peer_proc = _timed(peer_processor(setup["seqs"], setup["eos_id"], beams), peer_calls)
     base, base_s, base_cpu = _clock(stock_beam_search, model, prompts, trie, beams, pad_id, bs, processor=peer_proc)
 
-    trie_ms = 1e3 * sum(trie_calls) / len(trie_calls)
-    peer_ms = 1e3 * sum(peer_calls) / len(peer_calls)
-    stock_step_ms = 1e3 * stock_s / len(trie_calls)
+    trie_ms = 1e3 * statistics.fmean(d for _, d in trie_calls)
+    peer_ms = 1e3 * statistics.fmean(d for _, d in peer_calls)
+    # A decode step of stock generate = the time between two processor calls (median: the
+    # gaps that span a new batch's prefill are the exceptions).
+    starts = [s for s, _ in trie_calls]
+    gaps = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    stock_step_ms = 1e3 * statistics.median(gaps) if gaps else math.nan
     ours_mask_ms = 1e3 * stats["mask_s"] / stats["steps"]
     ours_step_ms = 1e3 * (ours_s - stats["prefill_s"]) / stats["steps"]
     same_base, diff_base = _compare(ours, base)
@@ -301,6 +306,7 @@ def bench_decode(args: argparse.Namespace, config: dict) -> int:
         "processor_ms_per_step_trie": trie_ms,
         "processor_ms_per_step_peer": peer_ms,
         "processor_speedup": peer_ms / trie_ms,
+        "stock_decode_step_ms": stock_step_ms,
         "trie_share_of_stock_step": trie_ms / stock_step_ms,
         "rere_mask_ms_per_step": ours_mask_ms,
         "rere_mask_share_of_step": ours_mask_ms / ours_step_ms,
@@ -338,7 +344,8 @@ def _print(f: dict) -> None:
     print(f"    peer (string keys, Python loop over beams): {f['processor_ms_per_step_peer']:9.3f}")
     print(f"    rere TrieLogitsProcessor (tensor trie):     {f['processor_ms_per_step_trie']:9.3f}")
     print(
-        f"    speed-up {f['processor_speedup']:.1f}x; trie share of a stock decode step {100 * f['trie_share_of_stock_step']:.2f}%"
+        f"    speed-up {f['processor_speedup']:.1f}x; trie share of a stock decode step "
+        f"({f['stock_decode_step_ms']:.0f} ms) {100 * f['trie_share_of_stock_step']:.2f}%"
     )
     print(
         f"    in rere beam_search: mask {f['rere_mask_ms_per_step']:.3f} ms per step, "
