@@ -15,11 +15,19 @@ from collections import Counter
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from rere import RereError
 from rere.bench import completion_text, prompt_text, synthetic_titles, train_tokenizer
 from rere.cli import main
-from rere.decoding import ItemTrie, TrieLogitsProcessor, beam_search, sample, stock_beam_search
+from rere.decoding import (
+    ItemTrie,
+    TrieLogitsProcessor,
+    _SharedPromptLayer,
+    beam_search,
+    sample,
+    stock_beam_search,
+)
 
 ARCHS = ["qwen2", "llama", "gpt2"]
 
@@ -210,6 +218,54 @@ def test_beam_search_equals_stock_generate(catalogue, arch, seed):
     assert_same_beams(beam_search(*args, batch_size=3), stock_beam_search(*args, batch_size=4))
 
 
+def test_shared_prompt_cache_matches_repeat_then_reorder():
+    # 2 prompts of 3 tokens, 2 beams each; keys hold their own (row, position) so moves are visible.
+    prompt_keys = torch.arange(6, dtype=torch.float).view(2, 1, 3, 1)  # (b, H, T, D)
+    reference, layer = DynamicLayer(), DynamicLayer()
+    reference.update(prompt_keys, -prompt_keys)
+    layer.update(prompt_keys, -prompt_keys)
+    reference.batch_repeat_interleave(2)
+    shared = _SharedPromptLayer(layer, repeats=2, capacity=2)
+    for step in range(2):
+        new = torch.tensor([10.0, 20.0, 30.0, 40.0]).view(4, 1, 1, 1) + step  # (b*B, H, 1, D)
+        ref_k, ref_v = reference.update(new, -new)
+        k, v = shared.update(new, -new)
+        assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
+        order = torch.tensor([1, 1, 3, 2])  # beams only move within their prompt
+        reference.reorder_cache(order)
+        shared.reorder_cache(order)
+    assert shared.get_seq_length() == 5
+    # Step 0 rows end 10, 20, 30, 40 -> reorder -> 20, 20, 40, 30; step 1 appends 11, 21, 31, 41
+    # -> (20,11) (20,21) (40,31) (30,41) -> reorder -> (20,21) (20,21) (30,41) (40,31).
+    assert shared.keys[:, 0, :, 0].tolist() == [
+        [0, 1, 2, 20, 21],
+        [0, 1, 2, 20, 21],
+        [3, 4, 5, 30, 41],
+        [3, 4, 5, 40, 31],
+    ]
+    assert torch.equal(shared.keys, reference.keys) and torch.equal(shared.values, reference.values)
+
+
+def test_sliding_window_model_falls_back_to_the_stock_cache():
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        initializer_range=0.5,
+        use_sliding_window=True,
+        sliding_window=6,  # shorter than the prompts
+        max_window_layers=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    trie = ItemTrie.from_sequences([[5, 6, 7, 8, 1], [5, 8, 1], [9, 1], [10, 11, 12, 13, 14, 1], [10, 11, 2, 1]], 50)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [2, 3, 4], [7] * 13]
+    assert_same_beams(beam_search(model, prompts, trie, 4, 0), stock_beam_search(model, prompts, trie, 4, 0))
+
+
 def test_one_processor_serves_two_generate_calls(catalogue):
     model = tiny_model("qwen2", catalogue["vocab"], catalogue["eos"])
     trie, pad = catalogue["trie"], catalogue["pad"]
@@ -220,6 +276,9 @@ def test_one_processor_serves_two_generate_calls(catalogue):
     first, second = (stock_beam_search(model, p, trie, 4, pad, 4, processor=lambda t, n: shared) for p in same_width)
     assert_same_beams(second[::-1], first)
     assert_same_beams(first, beam_search(model, prompts, trie, 4, pad))
+    unscored = stock_beam_search(model, prompts, trie, 4, pad, with_scores=False)
+    assert [[i for i, _ in row] for row in unscored] == [[i for i, _ in row] for row in first]
+    assert all(math.isnan(s) for row in unscored for _, s in row)
 
 
 def test_generation_config_cannot_turn_beam_search_into_sampling(catalogue):
