@@ -668,9 +668,10 @@ def _collect(finished: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, 
     out: Results = []
     for row, (done, its, scs) in enumerate(zip(finished.tolist(), items.tolist(), scores.tolist(), strict=True)):
         pairs = [(i, s) for d, i, s in zip(done, its, scs, strict=True) if d and i >= 0 and s > BEAM_PENALTY / 2]
-        if len(pairs) < num_beams or len({i for i, _ in pairs}) != len(pairs):
+        distinct = len({i for i, _ in pairs})
+        if distinct < num_beams or distinct != len(pairs):
             raise RereError(
-                f"beam search found {len(pairs)} distinct items for prompt {row} of its batch, fewer than num_beams="
+                f"beam search found {distinct} distinct items for prompt {row} of its batch, fewer than num_beams="
                 f"{num_beams}; beams can lose items whose prefixes fall out of the beam, so lower num_beams."
             )
         out.append(pairs)
