@@ -31,7 +31,8 @@ def make_catalogue(folder, n=40, duplicate_text=(), title_of=None):
 
 def test_title_index_round_trip_and_fingerprint(tmp_path):
     make_catalogue(tmp_path / "data", n=3, title_of={0: 'Toy "Story" (1995)'})
-    assert main(["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "-q"]) == 0
+    argv = ["index", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "idx"), "--set", "index.kind=title"]
+    assert main([*argv, "-q"]) == 0
     index = ItemIndex.load(tmp_path / "idx")
     assert index.kind == "title" and index.new_tokens == []
     assert index.codes == ['"Toy "Story" (1995)"', '"Film 1 (1951)"', '"Film 2 (1952)"']

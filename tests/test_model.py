@@ -71,7 +71,7 @@ def workdir(tmp_path_factory):
     """data/, a title index and a sid index, shared by the tests of this file."""
     root = tmp_path_factory.mktemp("model")
     make_data(root / "data")
-    run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_title"))
+    run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_title"), "--set", "index.kind=title")
     run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_sid"), "--set", "index.kind=sid")
     return root
 
