@@ -45,7 +45,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             metavar="PATH",
             help="YAML config (repeatable; later files override earlier). Default: config/config.yaml",
         )
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. sft.max_steps=10")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. sft.max_steps=10"
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
         p.set_defaults(_module=module)
         if name != chosen:

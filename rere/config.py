@@ -78,9 +78,13 @@ def _cross_checks(config: dict, source: str) -> None:
         )
     for name, ds in config["datasets"].items():
         if ds["source"] == "amazon" and not ds.get("category"):
-            raise RereError(f"{source}: key 'datasets.{name}.category' is required for source amazon (e.g. Office_Products).")
+            raise RereError(
+                f"{source}: key 'datasets.{name}.category' is required for source amazon (e.g. Office_Products)."
+            )
         if ds["source"] == "d3" and not ds.get("path"):
-            raise RereError(f"{source}: key 'datasets.{name}.path' is required for source d3 (a folder with train/valid/test.csv and info.txt).")
+            raise RereError(
+                f"{source}: key 'datasets.{name}.path' is required for source d3 (a folder with train/valid/test.csv and info.txt)."
+            )
     clash = sorted(set(config["rl"]["variants"]) & ({"base", "sft"} | set(config["baselines"]["methods"])))
     if clash:
         raise RereError(

@@ -99,6 +99,7 @@ from rere.download import download
 from rere.io import (
     SPLITS,
     atomic_path,
+    read_catalogue,
     read_split,
     save_resolved_config,
     write_catalogue,
@@ -532,25 +533,7 @@ def _read_d3_catalogue(path: Path) -> dict[int, str]:
     (the reference writes them; they are made unique here)."""
     if not path.is_file():
         raise RereError(f"{path} does not exist; a d3 folder needs info.txt (title<TAB>item_id per line).")
-    items: dict[int, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line:
-                    continue
-                title, sep, raw = line.rpartition("\t")
-                if not sep:
-                    raise RereError(f"{path}: line {line_no}: expected 'title<TAB>item_id'.")
-                try:
-                    item_id = int(raw)
-                except ValueError:
-                    raise RereError(f"{path}: line {line_no}: item id {raw!r} is not an integer.") from None
-                if item_id in items:
-                    raise RereError(f"{path}: line {line_no}: item id {item_id} appears twice.")
-                items[item_id] = title
-    except UnicodeDecodeError as exc:
-        raise RereError(f"{path}: byte {exc.start} is not UTF-8; re-encode the file as UTF-8.") from None
+    items = read_catalogue(path, unique_titles=False)
     if sorted(items) != list(range(len(items))):
         raise RereError(
             f"{path}: item ids must be 0..N-1 without gaps (found {len(items)} ids, max {max(items, default=-1)})."

@@ -18,8 +18,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -124,7 +125,9 @@ def read_split(path: str | Path) -> list[dict]:
                 except (TypeError, ValueError) as exc:
                     raise RereError(f"{path}: line {line}: bad number ({exc}).") from None
                 if not row["history_item_id"]:
-                    raise RereError(f"{path}: line {line}: empty history; every sample needs at least one previous item.")
+                    raise RereError(
+                        f"{path}: line {line}: empty history; every sample needs at least one previous item."
+                    )
                 if len(row["history_item_id"]) != len(row["history_item_title"]):
                     raise RereError(f"{path}: line {line}: history_item_id and history_item_title differ in length.")
                 row["_line"] = line
@@ -143,8 +146,9 @@ def write_split(path: str | Path, rows: list[dict]) -> None:
             writer.writerow([repr(r[c]) if c in D3_LIST_COLUMNS else r[c] for c in D3_COLUMNS])
 
 
-def read_catalogue(path: str | Path) -> dict[int, str]:
-    """info.txt -> {item_id: title}. Errors name the line; titles must be unique."""
+def read_catalogue(path: str | Path, unique_titles: bool = True) -> dict[int, str]:
+    """info.txt -> {item_id: title}. Errors name the line; titles must be unique unless
+    `unique_titles` is False (a foreign D3 folder may repeat titles; `rere data` renames them)."""
     path = Path(path)
     if not path.is_file():
         raise RereError(f"{path} does not exist; run `rere data` first.")
@@ -165,7 +169,7 @@ def read_catalogue(path: str | Path) -> dict[int, str]:
                     raise RereError(f"{path}: line {line_no}: item id {raw_id!r} is not an integer.") from None
                 if item_id in items:
                     raise RereError(f"{path}: line {line_no}: item id {item_id} appears twice.")
-                if title in seen:
+                if unique_titles and title in seen:
                     raise RereError(
                         f"{path}: line {line_no}: title {title!r} is also item {seen[title]}; "
                         "titles are generation targets and must be unique."
