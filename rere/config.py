@@ -110,7 +110,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RereError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set sft.max_steps=10")
     key, raw = item.split("=", 1)
-    return key.split("."), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; a user means the number
+            value = float(value) if value.strip().lower() not in {"nan", "inf", "-inf", "infinity"} else value
+        except ValueError:
+            pass
+    return key.split("."), value
 
 
 def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> dict:

@@ -37,7 +37,8 @@ def test_k_larger_than_beams_is_refused():
 def test_later_files_override_and_datasets_replace(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml.safe_dump({"datasets": {"office": {"source": "d3", "path": "x"}}, "sft": {"epochs": 7}}))
-    config = load_config([DEFAULT_CONFIG, extra], ["sft.batch_size=3"])
+    config = load_config([DEFAULT_CONFIG, extra], ["sft.batch_size=3", "rl.learning_rate=1e-4"])
+    assert config["rl"]["learning_rate"] == 1e-4
     assert list(config["datasets"]) == ["office"]  # replaced, not merged with ml100k
     assert config["sft"]["epochs"] == 7
     assert config["sft"]["batch_size"] == 3
