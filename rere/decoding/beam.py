@@ -1,0 +1,182 @@
+"""Our constrained beam search: transformers 5.x `_beam_search`'s selection rule, one prefill
+per prompt (the prompt's KV cache is shared by its beams), the trie mask at every step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rere import RereError
+from rere.decoding.cache import decode_step, eval_mode, expand_cache, left_pad, prefill
+from rere.decoding.trie import NEG_INF, ItemTrie
+
+# transformers' beam search marks finished/unused candidates by adding -1e9; we mirror it so
+# that candidate ranks (and so the returned beams) are the same as the stock implementation's.
+BEAM_PENALTY = -1.0e9
+
+Results = list[list[tuple[int, float]]]
+
+
+def check_beams(trie: ItemTrie, num_beams: int) -> None:
+    if num_beams < 1:
+        raise RereError(f"num_beams must be >= 1, got {num_beams}.")
+    if trie.num_items < num_beams:
+        raise RereError(
+            f"the catalogue has {trie.num_items} items but {num_beams} beams were asked for; a prompt's beams are "
+            f"distinct items, so lower num_beams to at most {trie.num_items}."
+        )
+
+
+def chunks(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[int, Sequence[Sequence[int]]]]:
+    if batch_size < 1:
+        raise RereError(f"batch_size must be >= 1, got {batch_size}.")
+    for start in range(0, len(prompt_ids), batch_size):
+        yield start, prompt_ids[start : start + batch_size]
+
+
+def beam_search(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    trie: ItemTrie,
+    num_beams: int,
+    pad_token_id: int,
+    batch_size: int = 32,
+    *,
+    progress: bool = False,
+    stats: dict | None = None,
+) -> Results:
+    """Top `num_beams` catalogue items per prompt, best first: [[(item position, log-prob), ...], ...].
+
+    Same selection rule as transformers 5.x `generate(num_beams=B, num_return_sequences=B,
+    do_sample=False, length_penalty=0.0, early_stopping=False)` with `TrieLogitsProcessor`
+    (see `stock_beam_search`): each step keeps the 2B best (beam, token) candidates, sends
+    those among the first B that end with EOS to the finished pool and continues the B best
+    unfinished ones; a prompt stops when no running beam can beat its B-th finished item.
+    The difference is the work: each prompt is run through the model once (b rows, not
+    b*B), then its KV cache is repeated to the B beams. Nothing is read from
+    `model.generation_config` (no sampling, no warpers, whatever the model's file says).
+
+    `stats`, if given, accumulates seconds spent in "prefill_s", "decode_s" (forward passes
+    after the prefill), "mask_s" (trie masking) and the number of "steps".
+    """
+    check_beams(trie, num_beams)
+    results: Results = []
+    device = next(model.parameters()).device
+    trie = trie.to(device)
+    work = list(chunks(prompt_ids, batch_size))
+    with eval_mode(model):
+        for _, chunk in tqdm(work, desc="beam search", unit="batch", disable=not progress):
+            results.extend(_beam_search_batch(model, chunk, trie, num_beams, pad_token_id, device, stats))
+    return results
+
+
+def _beam_search_batch(model, prompts, trie: ItemTrie, num_beams: int, pad_token_id: int, device, stats) -> Results:
+    timer = Timer(stats)
+    b, beams, keep = len(prompts), num_beams, 2 * num_beams  # one EOS id: 2B candidates, as stock
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    with timer("prefill_s"):
+        logits, cache, last_pos = prefill(model, ids, mask)  # (b, V), cache of b rows, (b, 1)
+    vocab = logits.shape[-1]
+    # Step 0 scores every beam from the one prompt row; beams 1.. start at -inf so only beam 0's
+    # candidates are real (stock starts them at -1e9: the same ranks among real candidates).
+    log_probs = torch.log_softmax(logits, dim=-1).repeat_interleave(beams, dim=0)  # (b*B, V)
+
+    running_scores = torch.full((b, beams), NEG_INF, device=device)
+    running_scores[:, 0] = 0.0
+    running_nodes = torch.zeros((b, beams), dtype=torch.long, device=device)
+    next_tokens = torch.zeros((b, beams), dtype=torch.long, device=device)  # fed from step 1 on
+    finished_scores = torch.full((b, beams), BEAM_PENALTY, device=device)
+    finished_items = torch.full((b, beams), -1, dtype=torch.long, device=device)
+    finished = torch.zeros((b, beams), dtype=torch.bool, device=device)
+    open_ = torch.ones((b, 1), dtype=torch.bool, device=device)  # can this prompt still improve?
+    in_top_b = torch.arange(keep, device=device) < beams  # (2B,) only these may finish
+    row_offset = torch.arange(b, device=device)[:, None] * beams  # (b, 1)
+    beam_mask = mask.repeat_interleave(beams, dim=0)  # (b*B, T)
+    beam_pos = last_pos.repeat_interleave(beams, dim=0)  # (b*B, 1)
+
+    for t in range(trie.max_depth):
+        if t > 0:
+            beam_mask = torch.cat([beam_mask, beam_mask.new_ones((b * beams, 1))], dim=1)  # (b*B, T+t)
+            with timer("decode_s"):
+                logits = decode_step(model, next_tokens.reshape(-1), beam_mask, beam_pos + t, cache)  # (b*B, V)
+            log_probs = torch.log_softmax(logits, dim=-1)
+        with timer("mask_s"):
+            trie.mask_(log_probs, running_nodes.reshape(-1))  # (b*B, V)
+        scores = log_probs.view(b, beams, vocab) + running_scores[:, :, None]  # (b, B, V)
+        top_scores, top_idx = torch.topk(scores.view(b, beams * vocab), keep)  # (b, 2B)
+        source = top_idx // vocab  # (b, 2B) beam each candidate extends
+        tokens = top_idx % vocab  # (b, 2B)
+        children = trie.step(running_nodes.gather(1, source).view(-1), tokens.view(-1)).view(b, keep)  # (b, 2B)
+        if t == trie.max_depth - 1:
+            ends = torch.ones_like(tokens, dtype=torch.bool)  # stock's max_length criterion
+        else:
+            ends = tokens == trie.eos_token_id  # (b, 2B)
+
+        # The B best unfinished candidates run on.
+        run_scores = top_scores + ends.float() * BEAM_PENALTY  # (b, 2B)
+        chosen = torch.topk(run_scores, beams).indices  # (b, B)
+        running_scores = run_scores.gather(1, chosen)
+        running_nodes = children.gather(1, chosen)
+        next_tokens = tokens.gather(1, chosen)
+        origin = source.gather(1, chosen)  # (b, B)
+
+        # Candidates among the first B that end join the finished pool if they beat its worst.
+        just_ended = ends & in_top_b  # (b, 2B)
+        cand_scores = top_scores + (~open_).float() * BEAM_PENALTY + (~just_ended).float() * BEAM_PENALTY
+        cand_items = torch.where(children >= 0, trie.item_of_leaf[children.clamp(min=0)], -1)  # (b, 2B)
+        pool = torch.topk(torch.cat([finished_scores, cand_scores], dim=1), beams).indices  # (b, B)
+        finished_scores = torch.cat([finished_scores, cand_scores], dim=1).gather(1, pool)
+        finished_items = torch.cat([finished_items, cand_items], dim=1).gather(1, pool)
+        finished = torch.cat([finished, just_ended], dim=1).gather(1, pool)
+
+        # Scores only fall with length (length_penalty 0): stop a prompt once its best running
+        # beam cannot beat the worst of B finished items.
+        worst = torch.where(finished, finished_scores.min(dim=1, keepdim=True).values, BEAM_PENALTY)  # (b, B)
+        open_ = open_ & (running_scores[:, :1] > worst).any(dim=1, keepdim=True)
+        if not open_.any() or ends.all():
+            break
+        if t == 0:
+            expand_cache(cache, beams, trie.max_depth)  # every beam of a prompt shares its prompt cache
+        else:
+            cache.reorder_cache((origin + row_offset).view(-1))  # (b*B,)
+
+    if stats is not None:
+        stats["steps"] = stats.get("steps", 0) + t + 1
+    return collect(finished, finished_items, finished_scores, num_beams)
+
+
+def collect(finished: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, num_beams: int) -> Results:
+    """Per prompt, the finished (item, score) pairs; raise if a prompt has fewer than B items."""
+    out: Results = []
+    for row, (done, its, scs) in enumerate(zip(finished.tolist(), items.tolist(), scores.tolist(), strict=True)):
+        pairs = [(i, s) for d, i, s in zip(done, its, scs, strict=True) if d and i >= 0 and s > BEAM_PENALTY / 2]
+        distinct = len({i for i, _ in pairs})
+        if distinct < num_beams or distinct != len(pairs):
+            raise RereError(
+                f"beam search found {distinct} distinct items for prompt {row} of its batch, fewer than num_beams="
+                f"{num_beams}; beams can lose items whose prefixes fall out of the beam, so lower num_beams."
+            )
+        out.append(pairs)
+    return out
+
+
+class Timer:
+    """Accumulate wall seconds into stats[key] (no-op when stats is None)."""
+
+    def __init__(self, stats: dict | None):
+        self.stats = stats
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        if self.stats is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - start
