@@ -1,152 +1,23 @@
-"""`rere bench decode|rl`: benchmarks on synthetic data, no dataset or download needed.
-
-`decode` measures catalogue-constrained beam search three ways on the same model, catalogue
-and prompts:
-
-- rere: `rere.decoding.beam_search` (one prefill per prompt, vectorised trie mask);
-- stock + trie: transformers `generate` beam search with `TrieLogitsProcessor`;
-- baseline: what the peer frameworks do, stock `generate` beam search with a
-  prefix_allowed_tokens function that builds a string key from each beam's generated ids and
-  looks its allowed tokens up in a dict, in a Python loop over every beam at every step.
-
-It prints (a) processor milliseconds per step for the trie and the peer processor and their
-ratio, with the trie mask's share of a decode step, (b) wall time per prompt end to end and
-the ratio to the baseline, (c) whether the returned beams are identical.
-
-The catalogue is synthetic product titles (a byte-level BPE tokenizer is trained on them
-here), prompts are histories of `--history` titles, the model a randomly initialised Qwen2
-built from config. `rl` is implemented by `rere.rl.bench_rl`.
-"""
+"""`rere bench decode`: catalogue-constrained beam search, ours against stock `generate`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
-import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, Qwen2Config, Qwen2ForCausalLM
+from transformers import LogitsProcessor
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from rere import RereError
-from rere.decoding import ItemTrie, TrieLogitsProcessor, beam_search, stock_beam_search
+from rere.decoding import TrieLogitsProcessor, beam_search, stock_beam_search
 from rere.io import atomic_path
+from rere.synthetic import build_setup
 
 log = logging.getLogger(__name__)
-
-# which -> (module, function(args, config) -> exit code); modules import lazily.
-BENCHMARKS = {"decode": ("rere.bench", "bench_decode"), "rl": ("rere.rl", "bench_rl")}
-
-PAD, EOS = "<pad>", "<eos>"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", choices=sorted(BENCHMARKS), help="decode: constrained beam search; rl: RL step")
-    parser.add_argument("--items", type=int, default=10_000, help="synthetic catalogue size (default 10000)")
-    parser.add_argument("--prompts", type=int, default=32, help="prompts (users) to decode (default 32)")
-    parser.add_argument("--beams", type=int, default=20, help="beams per prompt, G for rl (default 20)")
-    parser.add_argument("--history", type=int, default=10, help="items in each prompt's history (default 10)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default 32)")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the titles")
-    parser.add_argument("--hidden-size", type=int, default=256, help="Qwen2 hidden size (default 256)")
-    parser.add_argument("--layers", type=int, default=4, help="Qwen2 decoder layers (default 4)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: small ops stay comparable on a shared machine; 0: torch's default)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
-
-
-def run(args: argparse.Namespace, config: dict) -> int:
-    module, name = BENCHMARKS[args.which]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        raise RereError(f"`rere bench {args.which}` needs {module}, which is not available in this version.") from None
-    return getattr(mod, name)(args, config) or 0
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic catalogue
-
-_SYLLABLES = ["ka", "lo", "zen", "tri", "vo", "mar", "ex", "qui", "ra", "sol", "nu", "ve", "tor", "lix", "ban", "do"]
-_ADJECTIVES = (
-    "Ergonomic Portable Heavy-Duty Compact Premium Adjustable Rechargeable Waterproof Slim Ultra-Light Foldable "
-    "Wireless Insulated Reusable Magnetic Non-Slip Quiet Professional Vintage Modern Classic Deluxe Eco-Friendly "
-    "Durable Soft Ventilated Anti-Glare Stackable Retractable Cordless"
-).split()
-_MATERIALS = ["Stainless Steel", "Bamboo", "Leather", "Aluminum", "Silicone", "Cotton", "Glass", "Walnut", "Canvas"]
-_NOUNS = [
-    "Mouse", "Desk Lamp", "Notebook", "Stapler", "Water Bottle", "Backpack", "Phone Case", "Headphones", "Keyboard",
-    "Coffee Mug", "Yoga Mat", "Pen Set", "Monitor Stand", "Paper Shredder", "Label Maker", "File Organizer",
-    "Desk Chair", "Whiteboard", "Calculator", "USB Hub", "Laptop Sleeve", "Bookends", "Sticky Notes", "Highlighters",
-    "Planner", "Scissors", "Tape Dispenser", "Webcam", "Speaker", "Charging Cable", "Travel Mug", "Lunch Box",
-]  # fmt: skip
-_COLORS = ["Black", "White", "Navy Blue", "Rose Gold", "Gray", "Red", "Forest Green", "Sky Blue", "Beige", "Purple"]
-_SIZES = ["12 oz", "15.6 inch", "A5", "Large", "XL", "500 ml", "Letter Size", "10 x 12 in", "Medium", "2 ft"]
-
-
-def synthetic_titles(n: int, rng: random.Random) -> list[str]:
-    """`n` distinct product titles like 'Voqui Portable Bamboo Desk Lamp KL-482, Gray (Pack of 3)'."""
-    brands = sorted({"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).title() for _ in range(400)})
-    titles: dict[str, None] = {}
-    while len(titles) < n:
-        words = [rng.choice(brands)]
-        words += rng.sample(_ADJECTIVES, rng.randint(0, 2))
-        if rng.random() < 0.4:
-            words.append(rng.choice(_MATERIALS))
-        words.append(rng.choice(_NOUNS))
-        if rng.random() < 0.5:
-            letters = "".join(rng.choice("ABCDEFGHKLMNPRSTXZ") for _ in range(2))
-            words.append(f"{letters}-{rng.randint(10, 9999)}")
-        title = " ".join(words)
-        if rng.random() < 0.5:
-            title += f", {rng.choice(_COLORS)}"
-        if rng.random() < 0.3:
-            title += f", {rng.choice(_SIZES)}"
-        if rng.random() < 0.2:
-            title += f" (Pack of {rng.randint(2, 12)})"
-        titles[title] = None
-    return list(titles)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE (the `tokenizers` library) with <pad> = 0 and <eos> = 1."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer
-
-
-def prompt_text(history: list[str]) -> str:
-    return "Purchase history: " + ", ".join(f'"{t}"' for t in history) + "\nNext item: "
-
-
-def completion_text(title: str) -> str:
-    return f'"{title}"\n'
-
-
-# --------------------------------------------------------------------------------------------
-# The peers' constraint: a string key per beam, a dict lookup, a Python loop over beams
 
 
 def peer_processor(trie_seqs: list[list[int]], eos_id: int, num_beams: int):
@@ -186,56 +57,6 @@ def _timed(make, record: list[tuple[float, float]]):
     return lambda trie, prompt_length: _Timed(make(trie, prompt_length), record)
 
 
-# --------------------------------------------------------------------------------------------
-# The decode benchmark
-
-
-def _check_sizes(args: argparse.Namespace) -> None:
-    for name in ("items", "prompts", "beams", "history", "batch_size", "hidden_size", "layers"):
-        if getattr(args, name) < 1:
-            raise RereError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if args.beams > args.items:
-        raise RereError(f"--beams {args.beams} is larger than --items {args.items}; beams are distinct items.")
-    if args.threads < 0:
-        raise RereError(f"--threads must be >= 0 (0: torch's default), got {args.threads}.")
-    if args.vocab_size < 300:
-        raise RereError(f"--vocab-size must be >= 300 (256 bytes + merges), got {args.vocab_size}.")
-
-
-def build_setup(args: argparse.Namespace, seed: int) -> dict:
-    """Catalogue, tokenizer, trie, prompts and model, all from `seed`."""
-    rng = random.Random(seed)
-    titles = synthetic_titles(args.items, rng)
-    histories = [rng.sample(range(len(titles)), args.history) for _ in range(args.prompts)]
-    corpus = [completion_text(t) for t in titles] + [prompt_text([titles[i] for i in h]) for h in histories]
-    tokenizer = train_tokenizer(corpus, args.vocab_size)
-    pad_id, eos_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
-    vocab = tokenizer.get_vocab_size()
-    seqs = [enc.ids + [eos_id] for enc in tokenizer.encode_batch([completion_text(t) for t in titles])]
-    prompts = [enc.ids for enc in tokenizer.encode_batch([prompt_text([titles[i] for i in h]) for h in histories])]
-    trie = ItemTrie.from_sequences(seqs, vocab)
-    torch.manual_seed(seed)
-    heads = max(1, args.hidden_size // 64)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        intermediate_size=4 * args.hidden_size,
-        max_position_embeddings=max(512, 2 * max(len(p) for p in prompts)),
-        tie_word_embeddings=True,
-        # Wider than the default 0.02 so that a random model's next-token distributions are
-        # peaked like a trained one's, rather than near-uniform (where beams are all near-ties).
-        initializer_range=0.2,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    return {"seqs": seqs, "prompts": prompts, "trie": trie, "model": model, "pad_id": pad_id, "eos_id": eos_id}
-
-
 def _spread(values: list[int]) -> str:
     return f"{min(values)}/{int(statistics.median(values))}/{max(values)}"
 
@@ -257,7 +78,6 @@ def _clock(fn, *args, **kwargs):
 
 
 def bench_decode(args: argparse.Namespace, config: dict) -> int:
-    _check_sizes(args)
     seed = int(config["seed"])
     if args.threads > 0:
         torch.set_num_threads(args.threads)

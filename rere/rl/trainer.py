@@ -1,0 +1,147 @@
+"""`ReReTrainer`: TRL's GRPOTrainer with ReRe's rollout (constrained beams or sampling).
+
+Pinned to trl 1.16.0: the rollout goes through GRPOTrainer's `rollout_func` hook, and
+`_generate_and_score_completions(inputs)` is wrapped to hand the batch's rows to the rollout
+and to log it; tests/test_rl.py fails loudly if either changes.
+
+Several processes: TRL's sampler spreads a prompt's G copies over consecutive positions of
+the global batch, so a group can straddle two processes. The rollout therefore gathers every
+process's prompts, decodes each group once (groups are shared out between processes),
+gathers the results and gives each process its own slice; the columns that need the whole
+group (does it contain the target?) are computed there, before TRL gathers the rewards and
+normalises them per group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from rere.decoding import beam_search, sample
+from rere.rl.rollout import distinct_first, group_stats, sample_ranks
+
+
+class ReReTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollout is ReRe's (constrained beams or sampling over the catalogue)."""
+
+    def __init__(self, *args, index, trie, item_seqs, sampling: str, rollout_log: Path | None = None, **kwargs):
+        self.rere_index = index
+        self.rere_trie = trie
+        self.rere_item_seqs = item_seqs  # item position -> completion token ids (EOS included)
+        self.rere_sampling = sampling
+        self.rere_rollout_log = rollout_log
+        self._rere_inputs: list[dict] | None = None
+        self._rere_groups: list[dict] = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*'rollout_func'.*experimental")
+            super().__init__(*args, rollout_func=self._rollout, **kwargs)
+
+    # TRL calls this with the local rows of one generation batch (each prompt's G copies).
+    def _generate_and_score_completions(self, inputs):
+        self._rere_inputs = inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rere_inputs = None
+        self._log_groups(output["advantages"])
+        return output
+
+    def _decode(self, prompt_ids: list[list[int]], first_group: int) -> list[list[tuple[int, float]]]:
+        """G (item position, log-prob) per prompt, in the order the completions are handed back."""
+        g = self.num_generations
+        if not prompt_ids:
+            return []
+        pad = self.processing_class.pad_token_id
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as model,
+            torch.no_grad(),
+        ):
+            was_training = model.training
+            model.eval()
+            try:
+                if self.rere_sampling == "beam":
+                    return beam_search(model, prompt_ids, self.rere_trie, g, pad, len(prompt_ids))
+                # The draws depend on the seed, the step and the group, not on the process layout.
+                generator = torch.Generator(device=model.device)
+                generator.manual_seed(self.args.seed * 1_000_003 + self.state.global_step * 7919 + first_group)
+                n = g if self.rere_sampling == "sample" else math.ceil(1.5 * g)
+                drawn = sample(model, prompt_ids, self.rere_trie, n, self.temperature, generator, pad)
+                return drawn if self.rere_sampling == "sample" else [distinct_first(d, g) for d in drawn]
+            finally:
+                model.train(was_training)
+
+    def _rollout(self, prompts: list[str], trainer) -> dict:
+        """TRL's rollout_func: completions for the local rows, each group decoded once."""
+        rows = self._rere_inputs
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("ReReTrainer: the rollout was called without its batch rows (TRL changed?)")
+        g = self.num_generations
+        local_ids = self.processing_class(text=prompts)["input_ids"]
+        local = [(int(r["row"]), int(r["target"]), ids) for r, ids in zip(rows, local_ids, strict=True)]
+        everyone = gather_object(local)  # global batch, in process order
+        if len(everyone) % g:
+            raise RuntimeError(f"global batch of {len(everyone)} completions is not a whole number of groups of {g}")
+        groups = [everyone[i : i + g] for i in range(0, len(everyone), g)]
+        for k, grp in enumerate(groups):
+            if any(x[0] != grp[0][0] for x in grp):
+                raise RuntimeError(f"group {k} mixes rows {[x[0] for x in grp]}: TRL's sampler layout changed")
+
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = list(range(rank, len(groups), world))
+        decoded = self._decode([groups[k][0][2] for k in mine], first_group=rank)
+        if any(len(d) != g for d in decoded):
+            raise RuntimeError(f"the rollout returned {[len(d) for d in decoded]} completions per prompt, not {g}")
+        by_group = dict(gather_object(list(zip(mine, decoded, strict=True))))
+
+        item_ids = self.rere_index.item_ids
+        columns: dict[str, list] = {k: [] for k in ("item_id", "beam_rank", "target_in_group", "group_size")}
+        completion_ids = []
+        self._rere_groups = []
+        for k, grp in enumerate(groups):
+            picks = by_group[k]  # G x (item position, log-prob)
+            items = [item_ids[pos] for pos, _ in picks]
+            logps = [float(lp) for _, lp in picks]
+            ranks = list(range(1, g + 1)) if self.rere_sampling == "beam" else sample_ranks(items, logps)
+            target = grp[0][1]
+            for (pos, _), item, r in zip(picks, items, ranks, strict=True):
+                completion_ids.append(list(self.rere_item_seqs[pos]))
+                columns["item_id"].append(item)
+                columns["beam_rank"].append(r)
+                columns["target_in_group"].append(target in items)
+                columns["group_size"].append(g)
+            self._rere_groups.append(
+                {"row": grp[0][0], "target": target, "items": items, "ranks": ranks, "logps": logps}
+            )
+        for key, value in group_stats(
+            [x["items"] for x in self._rere_groups], [x["target"] for x in self._rere_groups]
+        ).items():
+            self._metrics["train" if self.model.training else "eval"][key].append(value)
+
+        start = rank * len(prompts)  # this process's slice of the global batch
+        sl = slice(start, start + len(prompts))
+        return {
+            "prompt_ids": [list(x[2]) for x in local],
+            "completion_ids": completion_ids[sl],
+            "logprobs": None,
+            **{k: v[sl] for k, v in columns.items()},
+        }
+
+    def _log_groups(self, local_advantages) -> None:
+        """Append this batch's groups, with TRL's advantages, to rollouts.jsonl (main process)."""
+        advantages = self.accelerator.gather(local_advantages.detach()).float().cpu().tolist()
+        if self.rere_rollout_log is None or not self.accelerator.is_main_process:
+            return
+        g = self.num_generations
+        with open(self.rere_rollout_log, "a", encoding="utf-8") as f:
+            for k, grp in enumerate(self._rere_groups):
+                record = {"step": self.state.global_step, **grp, "advantages": advantages[k * g : (k + 1) * g]}
+                f.write(json.dumps(record, sort_keys=True) + "\n")
