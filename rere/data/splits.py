@@ -1,0 +1,152 @@
+"""From a `Corpus` to D3 rows: unique titles, seeded item ids, per-user sequences, samples,
+and the two split protocols.
+
+- Per-user order (MovieLens): by (timestamp, numeric raw item id); users are visited in
+  numeric id order; items are listed in numeric id order before the seeded shuffle.
+  (ML-100K has many same-second ratings; the key makes their order independent of the
+  file's row order, so the RecBole and GroupLens copies agree.)
+- Samples: one per position i >= 1 of a user's sequence: target = item i, history = the
+  previous `max_history` items (fewer at the start).
+- `temporal`: all samples sorted by target timestamp (a stable sort over users in the order
+  above and positions ascending), then train = [0, int(n*0.8)), valid = [int(n*0.8),
+  int(n*0.9)), test = [int(n*0.9), n), exactly the reference's rounding.
+- `leave_one_out`: per user with n items, the sample whose target is item n-1 is test,
+  item n-2 is valid, items 1..n-3 are train (a user with 2 items has a test sample only).
+  Each split is then sorted by target timestamp like `temporal`.
+- Unique titles: every item whose title is shared by another item becomes
+  `f"{title} [{raw_id}]"` (all of them, not only the second), e.g. `Chasing Amy (1997) [246]`.
+  This unique title is used in every file. If a suffixed title still collides, the run fails.
+- Ratings are floats, timestamps integer seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+
+from rere import RereError
+from rere.data.corpus import Corpus, num_key
+from rere.io import SPLITS
+
+log = logging.getLogger(__name__)
+
+
+def unique_titles(titles: dict[str, str]) -> tuple[dict[str, str], int]:
+    """Make every title unique: each title shared by several items gets ` [raw_id]` appended.
+
+    Returns (raw id -> unique title, number of items renamed).
+
+    >>> unique_titles({"1": "A", "2": "A", "3": "B"})
+    ({'1': 'A [1]', '2': 'A [2]', '3': 'B'}, 2)
+    """
+    counts = Counter(titles.values())
+    out = {raw: (f"{t} [{raw}]" if counts[t] > 1 else t) for raw, t in titles.items()}
+    clash = [t for t, c in Counter(out.values()).items() if c > 1]
+    if clash:
+        raise RereError(
+            f"titles {clash[:5]} are still shared after appending raw ids; rename those items in the source data."
+        )
+    return out, sum(1 for raw in titles if counts[titles[raw]] > 1)
+
+
+def assign_ids(item_order: list[str], seed: int) -> dict[str, int]:
+    """Shuffle `item_order` with `random.Random(seed)` and number the result 0..N-1."""
+    order = list(item_order)
+    random.Random(seed).shuffle(order)
+    return {raw: i for i, raw in enumerate(order)}
+
+
+def user_sequences(corpus: Corpus) -> dict[str, list[tuple[str, float, int]]]:
+    """user -> [(item, rating, timestamp)] in time order (ties: see the module docstring)."""
+    seqs: dict[str, list[tuple[str, float, int]]] = {u: [] for u in corpus.user_order}
+    for user, item, rating, ts in corpus.events:
+        seqs[user].append((item, rating, ts))
+    for seq in seqs.values():
+        if corpus.tie_by_item:
+            seq.sort(key=lambda e: (e[2], num_key(e[0])))
+        else:
+            seq.sort(key=lambda e: e[2])  # stable: ties keep file order
+    return seqs
+
+
+def make_samples(seqs, ids: dict[str, int], titles: dict[str, str], max_history: int) -> list[tuple[int, int, dict]]:
+    """One D3 row per position i >= 1; returns (position, sequence length, row) in user order."""
+    out = []
+    for user, seq in seqs.items():
+        for i in range(1, len(seq)):
+            hist = seq[max(0, i - max_history) : i]
+            item, rating, ts = seq[i]
+            row = {
+                "user_id": user,
+                "item_asins": [h[0] for h in hist],
+                "item_asin": item,
+                "history_item_id": [ids[h[0]] for h in hist],
+                "item_id": ids[item],
+                "history_item_title": [titles[h[0]] for h in hist],
+                "item_title": titles[item],
+                "history_rating": [h[1] for h in hist],
+                "rating": rating,
+                "history_timestamp": [h[2] for h in hist],
+                "timestamp": ts,
+            }
+            out.append((i, len(seq), row))
+    return out
+
+
+def split_temporal(samples: list[tuple[int, int, dict]]) -> dict[str, list[dict]]:
+    rows = sorted((s[2] for s in samples), key=lambda r: r["timestamp"])  # stable
+    n = len(rows)
+    a, b = int(n * 0.8), int(n * 0.9)
+    return {"train": rows[:a], "valid": rows[a:b], "test": rows[b:]}
+
+
+def split_leave_one_out(samples: list[tuple[int, int, dict]]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for pos, length, row in samples:
+        split = "test" if pos == length - 1 else "valid" if pos == length - 2 else "train"
+        out[split].append(row)
+    return {s: sorted(rows, key=lambda r: r["timestamp"]) for s, rows in out.items()}
+
+
+def build_from_corpus(corpus: Corpus, ds: dict, seed: int, source: str) -> tuple[dict, list[dict], dict]:
+    """Corpus -> (split rows, items.jsonl records, stats)."""
+    titles, renamed = unique_titles(corpus.titles)
+    if renamed:
+        log.info(
+            "%d items share a title with another item; appended their raw id, e.g. %r",
+            renamed,
+            next(t for t in titles.values() if t.endswith("]")),
+        )
+    ids = assign_ids(corpus.item_order, seed)
+    seqs = user_sequences(corpus)
+    samples = make_samples(seqs, ids, titles, ds["max_history"])
+    splits = split_temporal(samples) if ds["split"] == "temporal" else split_leave_one_out(samples)
+    items = sorted(
+        (
+            {
+                "item_id": ids[raw],
+                "title": titles[raw],
+                "asin": raw,
+                "text": titles[raw] + (f". {', '.join(corpus.words[raw])}" if corpus.words.get(raw) else ""),
+            }
+            for raw in corpus.item_order
+        ),
+        key=lambda r: r["item_id"],
+    )
+    times = [e[3] for e in corpus.events]
+    stats = {
+        "users": len(corpus.user_order),
+        "items": len(items),
+        "interactions": len(corpus.events),
+        "rows": {s: len(splits[s]) for s in SPLITS},
+        "time_range": [min(times), max(times)],
+        "split": ds["split"],
+        "source": source,
+        "max_history": ds["max_history"],
+        "seed": seed,
+        "renamed_duplicate_titles": renamed,
+        "tie_order": "(timestamp, raw item id)" if corpus.tie_by_item else "(timestamp, file order)",
+        **corpus.notes,
+    }
+    return splits, items, stats
