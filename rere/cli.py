@@ -32,6 +32,15 @@ STAGES: dict[str, tuple[str, str]] = {
 log = logging.getLogger("rere")
 
 
+def add_stage_paths(parser: argparse.ArgumentParser, model: str | None, out: str) -> None:
+    """--data, --index, (--model), --out: the folders every LLM stage reads and writes."""
+    parser.add_argument("--data", required=True, help="dataset folder from `rere data` (data/D)")
+    parser.add_argument("--index", required=True, help="item index folder from `rere index` (index/D)")
+    if model is not None:
+        parser.add_argument("--model", required=True, help=model)
+    parser.add_argument("--out", required=True, help=out)
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """Only the chosen stage's module is imported (for its arguments): `rere data` stays light."""
     parser = argparse.ArgumentParser(prog="rere", description=__doc__.splitlines()[0])

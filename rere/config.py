@@ -68,14 +68,18 @@ def validate(config: dict, source: str = "config") -> dict:
     return config
 
 
-def _cross_checks(config: dict, source: str) -> None:
-    ev = config["evaluate"]
+def check_cutoffs(ev: dict, source: str) -> None:
+    """evaluate.ks must fit in the B beams: a list of B items cannot be cut at K > B."""
     too_big = [k for k in ev["ks"] if k > ev["num_beams"]]
     if too_big:
         raise RereError(
             f"{source}: key 'evaluate.ks' has {too_big} larger than evaluate.num_beams="
             f"{ev['num_beams']}; raise num_beams or drop those cut-offs."
         )
+
+
+def _cross_checks(config: dict, source: str) -> None:
+    check_cutoffs(config["evaluate"], source)
     for name, ds in config["datasets"].items():
         if ds["source"] == "amazon" and not ds.get("category"):
             raise RereError(
@@ -150,6 +154,14 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
         node[keys[-1]] = value
     source = " + ".join(str(p) for p in paths)
     return validate(config, source)
+
+
+def schema_defaults(*keys: str) -> dict:
+    """The schema's defaults for the section at `keys`, e.g. schema_defaults("model", "scratch")."""
+    node = _schema()
+    for k in keys:
+        node = node["properties"][k]
+    return {name: copy.deepcopy(sub["default"]) for name, sub in node["properties"].items() if "default" in sub}
 
 
 def dataset_config(config: dict, name: str) -> dict:

@@ -18,16 +18,20 @@ import time
 from pathlib import Path
 
 from rere import RereError
+from rere.config import check_cutoffs
 from rere.io import atomic_path, read_split, save_resolved_config
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="dataset folder from `rere data`")
-    parser.add_argument("--index", required=True, help="item index folder the model was trained with")
-    parser.add_argument("--model", required=True, help="model folder (from `rere sft`, `rere rl` or `rere model`)")
-    parser.add_argument("--out", required=True, help="results folder: metrics.json, predictions.jsonl, config.yaml")
+    from rere.cli import add_stage_paths
+
+    add_stage_paths(
+        parser,
+        model="model folder (from `rere sft`, `rere rl` or `rere model`)",
+        out="results folder: metrics.json, predictions.jsonl, config.yaml",
+    )
     parser.add_argument("--method", default=None, help="method name in metrics.json (default: the model folder's name)")
 
 
@@ -35,12 +39,7 @@ def check_request(index, rows: list, ev: dict, split: str, source: str = "") -> 
     """The cheap checks that must pass before any decoding starts."""
     if not rows:
         raise RereError(f"{source or split}: the {split} split has no rows; nothing to evaluate.")
-    too_big = [k for k in ev["ks"] if k > ev["num_beams"]]
-    if too_big:
-        raise RereError(
-            f"evaluate.ks has {too_big} larger than evaluate.num_beams={ev['num_beams']}; "
-            "a list of B beams cannot be cut at K > B. Raise num_beams or drop those cut-offs."
-        )
+    check_cutoffs(ev, "config")
     if ev["num_beams"] > len(index.items):
         raise RereError(
             f"evaluate.num_beams={ev['num_beams']} but the catalogue has only {len(index.items)} items; "
@@ -56,21 +55,12 @@ def check_request(index, rows: list, ev: dict, split: str, source: str = "") -> 
             )
 
 
-def build_trie(model, tokenizer, index, style: str, seed: int):
-    """The catalogue trie of the tokens the model writes after a prompt (EOS included)."""
-    from rere import prompts
-    from rere.decoding import ItemTrie
-
-    seqs = prompts.item_token_ids(tokenizer, index.codes, prompts.probe_prompts(index.codes, style, seed))
-    return ItemTrie.from_sequences(seqs, model.config.get_text_config().vocab_size)
-
-
 def prompt_ids(tokenizer, rows: list[dict], index, style: str, seed: int) -> list[list[int]]:
     """Token ids of each row's prompt (`rere.prompts.row_prompt`), tokenized as SFT tokenizes
     it (the tokenizer's special tokens included)."""
     from rere import prompts
 
-    codes = dict(zip(index.item_ids, index.codes, strict=True))
+    codes = index.code_of
     return tokenizer([prompts.row_prompt(r, codes, style, seed) for r in rows])["input_ids"]
 
 
@@ -95,7 +85,7 @@ def evaluate_model(
     """
     import torch
 
-    from rere.decoding import beam_search
+    from rere.decoding import beam_search, catalogue_trie
     from rere.metrics import hr_ndcg, rank_of
 
     ev = config["evaluate"]
@@ -103,7 +93,7 @@ def evaluate_model(
     check_request(index, rows, ev, split)
     seed = config["seed"]
     if trie is None:
-        trie = build_trie(model, tokenizer, index, style, seed)
+        trie, _ = catalogue_trie(model, tokenizer, index, style, seed)
     ids = prompt_ids(tokenizer, rows, index, style, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -38,15 +38,15 @@ LEVEL_LETTERS = string.ascii_lowercase  # level l writes <{letter}_{code}>
 
 @dataclass
 class SidConfig:
-    """The `index.sid` config section (descriptions in workflow/schemas/config.schema.yaml)."""
+    """The `index.sid` config section; its descriptions and defaults are in the schema."""
 
-    levels: int = 3
-    codebook_size: int | str = "auto"
-    embedder: str = "tfidf"
-    embedder_model: str | None = None
-    embedding_dim: int = 64
-    kmeans_iters: int = 50
-    last_level: str = "distinct"
+    levels: int
+    codebook_size: int | str
+    embedder: str
+    embedder_model: str | None
+    embedding_dim: int
+    kmeans_iters: int
+    last_level: str
 
     def __post_init__(self):
         if isinstance(self.codebook_size, str) and self.codebook_size != "auto":
@@ -248,6 +248,11 @@ class ItemIndex:
     @property
     def titles(self) -> list[str]:
         return [it["title"] for it in self.items]
+
+    @property
+    def code_of(self) -> dict[int, str]:
+        """item_id -> code."""
+        return {it["item_id"]: it["code"] for it in self.items}
 
     @property
     def code_to_item(self) -> dict[str, int]:

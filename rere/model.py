@@ -26,7 +26,7 @@ from pathlib import Path
 from rere import RereError
 from rere.index import ItemIndex
 from rere.io import atomic_path, read_json, read_split, save_resolved_config, write_json
-from rere.prompts import completion_text, item_token_ids, probe_prompts, row_prompt
+from rere.prompts import catalogue_token_ids, completion_text, row_prompt
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,15 @@ SID_TOKEN = re.compile(r"<[a-z]_\d+>")
 
 @dataclass
 class ScratchConfig:
-    """The `model.scratch` section (descriptions in workflow/schemas/config.schema.yaml)."""
+    """The `model.scratch` section; its descriptions and defaults are in the schema."""
 
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 512
-    max_position_embeddings: int = 1024
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -82,7 +82,7 @@ def training_texts(data: str | Path, index: ItemIndex, style: str, seed: int) ->
 
     SID tokens are removed: they are added to the tokenizer whole, after training.
     """
-    code_of = dict(zip(index.item_ids, index.codes, strict=True))
+    code_of = index.code_of
     for row in read_split(Path(data) / "train.csv"):
         text = row_prompt(row, code_of, style, seed) + completion_text(code_of[row["item_id"]])
         yield SID_TOKEN.sub(" ", text)
@@ -324,9 +324,9 @@ def load_model(folder: str | Path, index: ItemIndex | None = None, device: str =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="data folder written by `rere data`")
-    parser.add_argument("--index", required=True, help="index folder written by `rere index`")
-    parser.add_argument("--out", required=True, help="output model folder, e.g. models/ml100k/base")
+    from rere.cli import add_stage_paths
+
+    add_stage_paths(parser, model=None, out="output model folder, e.g. models/ml100k/base")
 
 
 def run(args: argparse.Namespace, config: dict) -> int:
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
         base = model_cfg["name_or_path"]
     # Fail here, not three stages later, if this tokenizer cannot write the items reliably.
     style = model_cfg["prompt"]
-    ids = item_token_ids(tokenizer, index.codes, probe_prompts(index.codes, style, config["seed"]))
+    ids = catalogue_token_ids(tokenizer, index, style, config["seed"])
     lengths = sorted(len(x) for x in ids)
     meta = {
         "index_fingerprint": index.fingerprint,

@@ -79,7 +79,7 @@ def row_key(row: dict) -> str:
 def row_prompt(row: dict, code_of: dict[int, str], style: str, seed: int) -> str:
     """The prompt for a split row (rere.io.read_split), the same in every stage.
 
-    `code_of`: item_id -> code (`dict(zip(index.item_ids, index.codes))`).
+    `code_of`: item_id -> code (`ItemIndex.code_of`).
     """
     try:
         history = [code_of[i] for i in row["history_item_id"]]
@@ -115,6 +115,12 @@ def probe_prompts(codes: Sequence[str], style: str, seed: int) -> list[str]:
         else:
             prompts.append(build_prompt(history, style, rng))
     return prompts
+
+
+def catalogue_token_ids(tokenizer, index, style: str, seed: int) -> list[list[int]]:
+    """Every catalogue item's completion tokens (EOS included) in index order, as the model
+    writes them after a prompt of this style: `item_token_ids` over `probe_prompts`."""
+    return item_token_ids(tokenizer, index.codes, probe_prompts(index.codes, style, seed))
 
 
 def _tokenizer_name(tokenizer) -> str:

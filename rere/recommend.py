@@ -81,18 +81,17 @@ def recommend(
     import torch
 
     from rere import prompts
-    from rere.decoding import beam_search
-    from rere.evaluate import build_trie
+    from rere.decoding import beam_search, catalogue_trie
 
     n_items = len(index.item_ids)
     exclude = set(history) if exclude_history else set()
     beams = k + len(exclude)
     if k < 1 or k > n_items - len(exclude):
         raise RereError(f"--k {k}: choose between 1 and {n_items - len(exclude)} (the catalogue has {n_items} items).")
-    codes = dict(zip(index.item_ids, index.codes, strict=True))
+    codes = index.code_of
     text = prompts.build_prompt([codes[h] for h in history], style, prompts.row_rng(seed, "recommend"))
     ids = tokenizer([text])["input_ids"]
-    trie = build_trie(model, tokenizer, index, style, seed)
+    trie, _ = catalogue_trie(model, tokenizer, index, style, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     with torch.no_grad():

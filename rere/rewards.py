@@ -94,17 +94,7 @@ def ranking(
     return out
 
 
-def ranking_only(
-    prompts: Sequence,
-    completions: Sequence,
-    *,
-    target: Sequence[int],
-    item_id: Sequence[int],
-    beam_rank: Sequence[int],
-    target_in_group: Sequence[bool],
-    group_size: Sequence[int],
-    **kwargs,
-) -> list[float]:
+def ranking_only(prompts: Sequence, completions: Sequence, **columns) -> list[float]:
     """The ranking penalty alone (no +1 for the target): the ablation without the rule reward.
 
     >>> r = ranking_only(prompts=["p"] * 2, completions=["a", "b"], target=[5] * 2, item_id=[5, 9],
@@ -112,15 +102,7 @@ def ranking_only(
     >>> [round(x, 4) for x in r]
     [0.0, -0.3869]
     """
-    return ranking(
-        prompts,
-        completions,
-        target=target,
-        item_id=item_id,
-        beam_rank=beam_rank,
-        target_in_group=target_in_group,
-        group_size=group_size,
-    )
+    return ranking(prompts, completions, **columns)
 
 
 def semantic(

@@ -24,40 +24,48 @@ Rerunning on a finished `out` with a larger `sft.max_steps` moves its checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 from rere import RereError
+from rere.checkpoints import (
+    CHECKPOINTS,
+    TRAINER_LOG,
+    check_or_clear,
+    drop_incomplete,
+    file_digest,
+    folder_digest,
+    jsonl_log_callback,
+    last_complete_checkpoint,
+    partial_dir,
+    read_signature,
+    step_of,
+    truncate_log,
+    write_signature,
+)
 from rere.io import read_split, save_resolved_config
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-TRAINER_LOG = "trainer_log.jsonl"
 INPUTS = "sft_inputs.json"  # inputs_signature of the run that made the checkpoints
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, help="dataset folder from `rere data` (train.csv, valid.csv)")
-    parser.add_argument("--index", required=True, help="item index folder from `rere index`")
-    parser.add_argument("--model", required=True, help="base model folder from `rere model`")
-    parser.add_argument("--out", required=True, help="output model folder (checkpoints go to OUT.partial/ until done)")
+    from rere.cli import add_stage_paths
+
+    add_stage_paths(
+        parser,
+        model="base model folder from `rere model`",
+        out="output model folder (checkpoints go to OUT.partial/ until done)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-def item_codes(index) -> dict[int, str]:
-    """item_id -> code, from the index."""
-    return dict(zip(index.item_ids, index.codes, strict=True))
 
 
 def prompt_completion_rows(rows: list[dict], index, style: str, seed: int, split: str) -> list[dict]:
@@ -66,7 +74,7 @@ def prompt_completion_rows(rows: list[dict], index, style: str, seed: int, split
     """
     from rere import prompts
 
-    codes = item_codes(index)
+    codes = index.code_of
     out = []
     for row in rows:
         if row["item_id"] not in codes:
@@ -101,23 +109,6 @@ def check_training_labels(dataset, target_positions: list[int], item_seqs: list[
 # Checkpoints and the working folder
 
 
-def partial_dir(out: Path) -> Path:
-    return out.parent / f"{out.name}.partial"
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """Newest checkpoint-N holding trainer_state.json (Trainer writes it last, so a checkpoint
-    cut short by an interruption lacks it and is skipped)."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
 # Keys that may change between a run and its resumption (e.g. a longer run on the same folder).
 RESUMABLE_KEYS = ("max_steps", "epochs", "patience", "logging_steps")
 
@@ -125,30 +116,27 @@ RESUMABLE_KEYS = ("max_steps", "epochs", "patience", "logging_steps")
 def inputs_signature(config: dict, data: Path, index, base: Path) -> dict:
     """What a checkpoint depends on: resuming is refused when any of it changed (a rebuilt base
     model, another index or train split, another learning rate...)."""
-    digest = hashlib.sha256()
-    for path in sorted(base.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin"):
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                digest.update(f.read(1 << 24))  # the first 16 MiB: enough to tell two bases apart
-            digest.update(str(path.stat().st_size).encode())
-    split = hashlib.sha256((data / "train.csv").read_bytes()).hexdigest()
     sft = {k: v for k, v in config["sft"].items() if k not in RESUMABLE_KEYS}
-    return {"index": index.fingerprint, "base": digest.hexdigest(), "train": split, "seed": config["seed"], "sft": sft}
+    return {
+        "index": index.fingerprint,
+        "base": folder_digest(base),
+        "train": file_digest(data / "train.csv"),
+        "seed": config["seed"],
+        "sft": sft,
+    }
 
 
 def _prepare_work_dir(out: Path, signature: dict) -> tuple[Path, Path | None]:
     """Return (work dir, checkpoint to resume from or None)."""
     work = partial_dir(out)
     ckpt_dir = work / CHECKPOINTS
-    if work.exists() and _read_signature(work / INPUTS) != signature:
-        log.warning("%s was made from other inputs or settings; starting over", work)
-        shutil.rmtree(work)
+    # SFT is cheap to redo and Snakemake reruns it when its inputs change: start over.
+    check_or_clear(work, INPUTS, signature, refuse=False)
     finished = out / CHECKPOINTS
     if (
         not work.exists()
         and last_complete_checkpoint(finished) is not None
-        and _read_signature(out / INPUTS) == signature
+        and read_signature(out / INPUTS) == signature
     ):
         # A finished run on the same inputs: continue from its checkpoints (e.g. a larger max_steps).
         ckpt_dir.parent.mkdir(parents=True)
@@ -156,37 +144,12 @@ def _prepare_work_dir(out: Path, signature: dict) -> tuple[Path, Path | None]:
         if (out / TRAINER_LOG).is_file():
             shutil.copyfile(out / TRAINER_LOG, work / TRAINER_LOG)
     work.mkdir(parents=True, exist_ok=True)
-    (work / INPUTS).write_text(json.dumps(signature, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_signature(work / INPUTS, signature)
     shutil.rmtree(work / "final", ignore_errors=True)  # a publish cut short; out/ is still intact
-    for p in ckpt_dir.glob("checkpoint-*"):
-        if not (p / "trainer_state.json").is_file():
-            shutil.rmtree(p)  # cut short while saving: unusable, and in the way of a fresh save
+    drop_incomplete(ckpt_dir)
     resume = last_complete_checkpoint(ckpt_dir)
-    _truncate_log(work / TRAINER_LOG, _step_of(resume) if resume else 0)
+    truncate_log(work / TRAINER_LOG, step_of(resume) if resume else 0)
     return work, resume
-
-
-def _read_signature(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step: those steps are trained (and logged) again."""
-    if not path.is_file():
-        return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def _publish(model, tokenizer, work: Path, out: Path, meta: dict, config: dict, summary: dict) -> None:
@@ -213,15 +176,6 @@ def _publish(model, tokenizer, work: Path, out: Path, meta: dict, config: dict, 
 def _make_callbacks(work: Path, config: dict):
     from transformers import TrainerCallback
 
-    class JsonlLog(TrainerCallback):
-        """Appends every log dict (train loss, lr, grad norm, eval loss) with its step."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:
-                record = {"step": state.global_step, "epoch": state.epoch, **logs}
-                with open(work / TRAINER_LOG, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record, sort_keys=True) + "\n")
-
     class ConfigIntoCheckpoint(TrainerCallback):
         """Each checkpoint carries the resolved config that produced it."""
 
@@ -230,7 +184,8 @@ def _make_callbacks(work: Path, config: dict):
             if ckpt.is_dir():
                 save_resolved_config(ckpt, config, name="rere_config.yaml")
 
-    return [JsonlLog(), ConfigIntoCheckpoint()]
+    # trainer_log.jsonl: train loss, lr, grad norm, eval loss, with their step
+    return [jsonl_log_callback(work / TRAINER_LOG), ConfigIntoCheckpoint()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +265,7 @@ def run(args, config) -> int:
     train_pc = prompt_completion_rows(train_rows, index, style, seed, "train")
     valid_pc = prompt_completion_rows(valid_rows, index, style, seed, "valid")
     new_ids = trainable_token_ids(tokenizer, index)
-    item_seqs = prompts.item_token_ids(tokenizer, index.codes, prompts.probe_prompts(index.codes, style, seed))
+    item_seqs = prompts.catalogue_token_ids(tokenizer, index, style, seed)
     position = {item_id: p for p, item_id in enumerate(index.item_ids)}
 
     work, resume = _prepare_work_dir(out, inputs_signature(config, data, index, Path(args.model)))
