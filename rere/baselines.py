@@ -278,14 +278,14 @@ class SequentialConfig:
     NDCG@10 gain before stopping).
     """
 
-    hidden_size: int | list[int] = 64
-    num_layers: int | list[int] = 2
-    num_heads: int = 2
-    dropout: float | list[float] = 0.2
-    learning_rate: float | list[float] = 1e-3
-    batch_size: int = 256
-    epochs: int = 30
-    patience: int = 3
+    hidden_size: int | list[int]
+    num_layers: int | list[int]
+    num_heads: int
+    dropout: float | list[float]
+    learning_rate: float | list[float]
+    batch_size: int
+    epochs: int
+    patience: int
     grid: list[HyperParams] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
