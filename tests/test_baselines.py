@@ -27,6 +27,8 @@ from rere.cli import main
 from rere.io import read_jsonl, write_catalogue, write_split
 from rere.metrics import hr_ndcg, rank_of, select_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_ITEMS = 30
 SEQ_LEN = 8
 
@@ -76,15 +78,6 @@ def make_successor_data(folder: Path, users: int = 40, valid_shift: int = 1) -> 
 FAST = dict(
     hidden_size=32, num_layers=1, num_heads=2, dropout=0.1, learning_rate=1e-2, batch_size=32, epochs=12, patience=2
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.cache_utils import DynamicLayer
 
 from rere import RereError
-from rere.bench import completion_text, prompt_text, synthetic_titles, train_tokenizer
 from rere.cli import main
 from rere.decoding import (
     ItemTrie,
+    PrefixIndex,
+    SharedPromptLayer,
     TrieLogitsProcessor,
-    _SharedPromptLayer,
     beam_search,
     sample,
     stock_beam_search,
 )
+from rere.synthetic import completion_text, prompt_text, synthetic_titles, train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = ["qwen2", "llama", "gpt2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +139,7 @@ def test_trie_agrees_with_brute_force_on_every_prefix(max_sparse_children):
         tokens = torch.tensor(group, dtype=torch.long).view(len(group), length)  # (n, length)
         walked = trie.walk(tokens)
         assert (walked >= 0).all()
-        assert torch.equal(trie.locate(tokens), walked)  # hashed lookup == exact walk
+        assert torch.equal(PrefixIndex.of(trie).locate(tokens), walked)  # hashed lookup == exact walk
         allowed = trie.allowed(walked)
         for row, prefix in enumerate(group):
             expected = {s[length] for s in seqs if tuple(s[:length]) == prefix}
@@ -154,7 +148,7 @@ def test_trie_agrees_with_brute_force_on_every_prefix(max_sparse_children):
     assert trie.items_of(full).tolist() == list(range(150))
     # Off the trie (and past a leaf): -1, and only EOS is allowed, never an empty row.
     off = torch.tensor([[2, 2], [39, 39]])
-    assert trie.walk(off).tolist() == [-1, -1] and trie.locate(off).tolist() == [-1, -1]
+    assert trie.walk(off).tolist() == [-1, -1] and PrefixIndex.of(trie).locate(off).tolist() == [-1, -1]
     assert trie.allowed(torch.tensor([-1]))[0].nonzero().flatten().tolist() == [eos]
 
 
@@ -225,7 +219,7 @@ def test_shared_prompt_cache_matches_repeat_then_reorder():
     reference.update(prompt_keys, -prompt_keys)
     layer.update(prompt_keys, -prompt_keys)
     reference.batch_repeat_interleave(2)
-    shared = _SharedPromptLayer(layer, repeats=2, capacity=2)
+    shared = SharedPromptLayer(layer, repeats=2, capacity=2)
     for step in range(2):
         new = torch.tensor([10.0, 20.0, 30.0, 40.0]).view(4, 1, 1, 1) + step  # (b*B, H, 1, D)
         ref_k, ref_v = reference.update(new, -new)
@@ -358,10 +352,10 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert "larger than --items" in capsys.readouterr().err
 
 
-def test_bench_rl_dispatches_to_rere_rl(monkeypatch):
+def test_bench_rl_dispatches_to_rere_bench_rl(monkeypatch):
     calls = []
-    fake = types.ModuleType("rere.rl")
+    fake = types.ModuleType("rere.bench.rl")
     fake.bench_rl = lambda args, config: calls.append((args.which, args.prompts, args.beams, args.items)) or 0
-    monkeypatch.setitem(sys.modules, "rere.rl", fake)
+    monkeypatch.setitem(sys.modules, "rere.bench.rl", fake)
     assert main(["bench", "rl", "--prompts", "4", "--beams", "8", "--items", "100", "-q"]) == 0
     assert calls == [("rl", 4, 8, 100)]

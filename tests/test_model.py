@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokeniz
 
 from rere import RereError
 from rere.cli import main
-from rere.config import load_config
+from rere.config import load_config, schema_defaults
 from rere.index import ItemIndex
 from rere.io import write_catalogue, write_jsonl, write_split
 from rere.model import ScratchConfig, count_parameters, load_model, save_model
@@ -204,10 +204,11 @@ def test_save_model_keeps_named_entries(workdir, scratch_title, tmp_path):
 
 
 def test_scratch_config_cross_checks():
+    defaults = schema_defaults("model", "scratch")
     with pytest.raises(RereError, match="hidden_size': 30 is not divisible by num_heads=4"):
-        ScratchConfig(hidden_size=30, num_heads=4)
+        ScratchConfig(**{**defaults, "hidden_size": 30, "num_heads": 4})
     with pytest.raises(RereError, match="num_heads=4 is not a multiple of 3"):
-        ScratchConfig(hidden_size=32, num_heads=4, num_kv_heads=3)
+        ScratchConfig(**{**defaults, "hidden_size": 32, "num_heads": 4, "num_kv_heads": 3})
 
 
 def _tiny_gpt2(folder, texts):

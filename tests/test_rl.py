@@ -123,7 +123,9 @@ def check_groups(records: list[dict], g: int, sampling: str = "beam") -> None:
 
 
 def test_doctests():
-    result = doctest.testmod(rl)
+    import rere.rl.rollout
+
+    result = doctest.testmod(rere.rl.rollout)
     assert result.attempted >= 4 and result.failed == 0
 
 
