@@ -7,6 +7,10 @@ item's code, a newline, then the EOS token. Two prompt styles:
 - `instruction`: the paper's prompt. An instruction drawn with a seeded RNG from
   INSTRUCTIONS, the history, and an Alpaca-style response header.
 - `compact`: `History: <codes>\\nNext:\\n`, short enough for the small scratch models.
+- `sequence`: the history items written exactly as completions, one after the other
+  (`code\\n` each), nothing else. A user's train sequence is then one text in which every
+  item follows its own history the way a completion follows a prompt, so SFT can put the
+  loss on every item at once (`sft.targets: all`, as SASRec trains every position).
 
 The catalogue trie (rere.decoding) must hold the tokens the model actually produces *after*
 a prompt, not the tokens of the completion on its own: BPE merges can differ at a text
@@ -23,7 +27,7 @@ from collections.abc import Sequence
 
 from rere import RereError
 
-STYLES = ("compact", "instruction")
+STYLES = ("compact", "instruction", "sequence")
 
 # The paper's instruction, reworded a few ways; one is drawn per row (row_rng), so a row
 # gets the same wording in every stage.
@@ -62,6 +66,8 @@ def build_prompt(history_codes: Sequence[str], style: str, rng: random.Random) -
     >>> build_prompt(['"A"', '"B"'], "compact", random.Random(0))
     'History: "A", "B"\\nNext:\\n'
     """
+    if style == "sequence":
+        return "".join(completion_text(c) for c in history_codes)
     history = ", ".join(history_codes)
     if style == "compact":
         return COMPACT_TEMPLATE.format(history=history)

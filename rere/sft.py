@@ -68,38 +68,72 @@ def add_arguments(parser) -> None:
 # Data
 
 
-def prompt_completion_rows(rows: list[dict], index, style: str, seed: int, split: str) -> list[dict]:
+def sequence_rows(rows: list[dict], stride: int) -> list[dict]:
+    """`sft.targets: all`: every `stride`-th train row of each user, counting back from the
+    user's last row, in file order. A row's history plus its target is a window of the
+    user's sequence; with `stride` = the history length consecutive windows share one item,
+    so every item but a user's first is a target exactly once.
+
+    >>> rows = [{"user_id": u, "n": n} for u, n in [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]]
+    >>> [(r["user_id"], r["n"]) for r in sequence_rows(rows, 2)]
+    [('a', 1), ('a', 3), ('b', 2)]
+    """
+    by_user: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_user.setdefault(row["user_id"], []).append(i)
+    keep = {i for idx in by_user.values() for i in idx[::-1][::stride]}
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def row_items(row: dict, targets: str) -> list[int]:
+    """The item ids a row trains, in order: its target, or (targets all) its history after the
+    first item and then its target."""
+    return [*row["history_item_id"][1:], row["item_id"]] if targets == "all" else [row["item_id"]]
+
+
+def prompt_completion_rows(
+    rows: list[dict], index, style: str, seed: int, split: str, targets: str = "last"
+) -> list[dict]:
     """One {"prompt", "completion"} per row; the prompt is `rere.prompts.row_prompt`, the same
-    in every stage. Items unknown to the index are a RereError naming the split file's line.
+    in every stage. With targets "all" (prompt style sequence) the prompt is the history's
+    first item and the completion every later item, then the target. Items unknown to the
+    index are a RereError naming the split file's line.
     """
     from rere import prompts
 
     codes = index.code_of
     out = []
     for row in rows:
-        if row["item_id"] not in codes:
+        missing = [i for i in [*row["history_item_id"], row["item_id"]] if i not in codes]
+        if missing:
             raise RereError(
-                f"{split}.csv line {row.get('_line', '?')}: item id {row['item_id']} is not in the index "
+                f"{split}.csv line {row.get('_line', '?')}: item id(s) {missing} are not in the index "
                 f"({len(codes)} items); rebuild the index from this dataset (`rere index`)."
             )
-        prompt = prompts.row_prompt(row, codes, style, seed)
-        out.append({"prompt": prompt, "completion": prompts.completion_text(codes[row["item_id"]])})
+        if targets == "all":
+            prompt = prompts.build_prompt([codes[row["history_item_id"][0]]], style, prompts.row_rng(seed, "all"))
+        else:
+            prompt = prompts.row_prompt(row, codes, style, seed)
+        completion = "".join(prompts.completion_text(codes[i]) for i in row_items(row, targets))
+        out.append({"prompt": prompt, "completion": completion})
     return out
 
 
-def check_training_labels(dataset, target_positions: list[int], item_seqs: list[list[int]], split: str) -> None:
-    """Every row's trained tokens (labels != -100) must equal its target's trie sequence.
+def check_training_labels(dataset, target_positions: list[list[int]], item_seqs: list[list[int]], split: str) -> None:
+    """Every row's trained tokens (labels != -100) must equal its targets' trie sequences, one
+    after the other, with the EOS only after the last.
 
     This is where a doubled or missing EOS, a prompt/completion boundary that merges tokens,
     or a truncated completion would show up; each would train the model on sequences that
     constrained decoding can never produce.
     """
-    for i, (labels, pos) in enumerate(zip(dataset["labels"], target_positions, strict=True)):
+    for i, (labels, positions) in enumerate(zip(dataset["labels"], target_positions, strict=True)):
         trained = [t for t in labels if t != -100]
-        if trained != item_seqs[pos]:
+        expected = [t for p in positions[:-1] for t in item_seqs[p][:-1]] + item_seqs[positions[-1]]
+        if trained != expected:
             raise RereError(
                 f"{split} row {i}: SFT would train on token ids {trained} but the decoding trie has "
-                f"{item_seqs[pos]} for this item. The tokenizer does not split prompt and completion "
+                f"{expected} for these items. The tokenizer does not split prompt and completion "
                 "the same way in training and decoding (or adds its own EOS); use the compact prompt "
                 "or another tokenizer."
             )
@@ -257,12 +291,25 @@ def run(args, config) -> int:
     # Everything that can be wrong with the inputs is checked before any training.
     index = ItemIndex.load(args.index)
     model, tokenizer, meta = load_model(args.model, index=index, for_training=True)
-    train_rows = select_rows(read_split(data / "train.csv"), sft["max_train_rows"], seed)
+    style = meta["prompt_style"]
+    targets = sft["targets"]
+    if targets == "all" and style != "sequence":
+        raise RereError(
+            f"key 'sft.targets' is all but {args.model} was built with prompt style {style!r}; every item of a "
+            "history can be a target only when items are written as completions (model.prompt: sequence). "
+            "Rebuild the base model with model.prompt=sequence or set sft.targets=last."
+        )
+    train_rows = read_split(data / "train.csv")
+    if targets == "all":
+        stride = sft["sequence_stride"] or max((len(r["history_item_id"]) for r in train_rows), default=1)
+        before = len(train_rows)
+        train_rows = sequence_rows(train_rows, stride)
+        log.info("sft.targets all: %d of %d train rows (every %d-th per user)", len(train_rows), before, stride)
+    train_rows = select_rows(train_rows, sft["max_train_rows"], seed)
     valid_rows = select_rows(read_split(data / "valid.csv"), sft["max_eval_rows"], seed)
     if not train_rows or not valid_rows:
         raise RereError(f"{data}: the train or valid split is empty; nothing to fine-tune on.")
-    style = meta["prompt_style"]
-    train_pc = prompt_completion_rows(train_rows, index, style, seed, "train")
+    train_pc = prompt_completion_rows(train_rows, index, style, seed, "train", targets)
     valid_pc = prompt_completion_rows(valid_rows, index, style, seed, "valid")
     new_ids = trainable_token_ids(tokenizer, index)
     item_seqs = prompts.catalogue_token_ids(tokenizer, index, style, seed)
@@ -327,8 +374,9 @@ def run(args, config) -> int:
                 mlrun.callback(),
             ],
         )
-        check_training_labels(trainer.train_dataset, [position[r["item_id"]] for r in train_rows], item_seqs, "train")
-        check_training_labels(trainer.eval_dataset, [position[r["item_id"]] for r in valid_rows], item_seqs, "valid")
+        train_targets = [[position[i] for i in row_items(r, targets)] for r in train_rows]
+        check_training_labels(trainer.train_dataset, train_targets, item_seqs, "train")
+        check_training_labels(trainer.eval_dataset, [[position[r["item_id"]]] for r in valid_rows], item_seqs, "valid")
         longest = max(len(x) for x in trainer.train_dataset["input_ids"])
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if limit is not None and longest > limit:

@@ -204,7 +204,7 @@ def test_trained_tokens_are_the_trie_sequences_with_one_eos(title_base):
     args = SFTConfig(output_dir="unused", report_to="none", completion_only_loss=True, max_length=None, bf16=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pc), processing_class=tok)
     seqs = prompts.item_token_ids(tok, index.codes, prompts.probe_prompts(index.codes, meta["prompt_style"], 42))
-    positions = [index.item_ids.index(r["item_id"]) for r in rows]
+    positions = [[index.item_ids.index(r["item_id"])] for r in rows]
     check_training_labels(trainer.train_dataset, positions, seqs, "train")
     labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
     assert labels.count(tok.eos_token_id) == 1 and labels[-1] == tok.eos_token_id
@@ -308,3 +308,63 @@ def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path):
     work, resume = _prepare_work_dir(out, {"base": "b"})
     assert resume is None and not ckpt.exists()
     assert json.loads((work / INPUTS).read_text()) == {"base": "b"}
+
+
+def test_sequence_windows_train_every_item_of_the_history(tmp_path):
+    """sft.targets all: the kept rows are every stride-th row per user counted back from the
+    last; each trains its history after the first item and its target, with one EOS at the
+    end, and the tokens are exactly the items' trie sequences one after another."""
+    import doctest
+
+    import rere.sft
+
+    assert doctest.testmod(rere.sft).failed == 0
+    paths = make_base(tmp_path, "sid", "model.prompt=sequence")
+    out = tmp_path / "sft"
+    assert run_sft(paths, out, "sft.targets=all", "sft.sequence_stride=2", "sft.max_steps=2") == 0
+    log_lines = (out / "trainer_log.jsonl").read_text().splitlines()
+    assert any('"loss"' in line for line in log_lines)
+
+    from rere.io import read_split
+    from rere.sft import row_items, sequence_rows
+
+    rows = read_split(paths["data"] / "train.csv")  # 16 users x 4 train rows (targets 1..4)
+    kept = sequence_rows(rows, 2)
+    assert len(kept) == 16 * 2
+    assert sorted({len(r["history_item_id"]) for r in kept}) == [2, 4]  # targets 2 and 4 of each user
+    last = next(r for r in kept if len(r["history_item_id"]) == 4)
+    assert row_items(last, "all") == [*last["history_item_id"][1:], last["item_id"]]
+
+    # the compact style cannot train every item: refused before training, naming the keys
+    compact = make_base(tmp_path / "c", "sid")
+    assert run_sft(compact, tmp_path / "sft2", "sft.targets=all") == 2
+    assert not (tmp_path / "sft2").exists()
+
+
+def test_sequence_labels_are_the_items_trie_sequences(tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from rere.index import ItemIndex
+    from rere.io import read_split
+    from rere.model import load_model
+    from rere.prompts import catalogue_token_ids
+    from rere.sft import check_training_labels, prompt_completion_rows, row_items
+
+    paths = make_base(tmp_path, "sid", "model.prompt=sequence")
+    index = ItemIndex.load(paths["index"])
+    model, tok, meta = load_model(paths["base"], index=index)
+    rows = [r for r in read_split(paths["data"] / "train.csv") if len(r["history_item_id"]) >= 3][:4]
+    pc = prompt_completion_rows(rows, index, "sequence", 42, "train", targets="all")
+    assert pc[0]["prompt"] == index.code_of[rows[0]["history_item_id"][0]] + "\n"
+    assert pc[0]["completion"].count("\n") == len(rows[0]["history_item_id"])  # history[1:] + target
+    args = SFTConfig(output_dir="unused", report_to="none", completion_only_loss=True, max_length=None, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pc), processing_class=tok)
+    seqs = catalogue_token_ids(tok, index, "sequence", 42)
+    position = {item: p for p, item in enumerate(index.item_ids)}
+    targets = [[position[i] for i in row_items(r, "all")] for r in rows]
+    check_training_labels(trainer.train_dataset, targets, seqs, "train")
+    labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
+    assert labels.count(tok.eos_token_id) == 1 and labels[-1] == tok.eos_token_id
+    with pytest.raises(RereError, match="train row 0"):
+        check_training_labels(trainer.train_dataset, [[t[-1]] for t in targets], seqs, "train")
