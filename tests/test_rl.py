@@ -315,3 +315,50 @@ def test_two_processes_keep_groups_intact(tiny):
         rows = [r["row"] for r in groups if r["step"] == s]
         assert len(set(rows)) == 6
     check_groups(groups, g=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic sampling (rl.filter_groups)
+
+
+def test_filtered_batch_holds_only_groups_with_reward_variance(tiny, tmp_path):
+    """With a decode budget large enough, every group handed to TRL has unequal rewards; the
+    groups without signal are decoded, counted and left out; the rollout reuses the decoded
+    beams rather than decoding again."""
+    inp, trainer = make_trainer(
+        tiny, tmp_path, "rl.filter_groups=true", "rl.filter_max_prompts=8", "rl.max_train_rows=null"
+    )
+    g = 8
+    batch = [dict(inp.train[k]) for k in (0, 1) for _ in range(g)]
+    chosen = trainer._groups_with_signal(batch)
+    assert len(chosen) == len(batch)
+    rows = [chosen[i] for i in range(0, len(chosen), g)]
+    assert all(chosen[i : i + g] == [rows[i // g]] * g for i in range(0, len(chosen), g))  # G copies each
+    decoded = trainer._metrics["train"]["rollout/decoded_prompts"][-1]
+    share = trainer._metrics["train"]["rollout/signal_share_decoded"][-1]
+    assert 2 <= decoded <= 8
+    with_signal = [r for r in rows if trainer._has_signal(r, trainer._rere_predecoded[int(r["row"])])]
+    if share * decoded >= 2:  # enough signal in the budget: only groups with signal are kept
+        assert len(with_signal) == 2
+    else:  # the budget ran out: all signal groups found are kept, the rest filled
+        assert len(with_signal) == round(share * decoded)
+
+    trainer._rere_inputs = chosen
+    trainer._decode = lambda *a, **k: pytest.fail("the rollout decoded a group the filter had decoded")
+    out = trainer._rollout([r["prompt"] for r in chosen], trainer)
+    for k, row in enumerate(rows):
+        picks = trainer._rere_predecoded[int(row["row"])]
+        assert out["item_id"][k * g : (k + 1) * g] == [inp.index.item_ids[p] for p, _ in picks]
+
+
+def test_group_signal_is_reward_variance(tiny, tmp_path):
+    """A group whose beams hold the target has signal under rule + ranking; one without, none."""
+    inp, trainer = make_trainer(tiny, tmp_path, "rl.filter_groups=true")
+    g = 8
+    row = dict(inp.train[0])
+    pos_of = {item: p for p, item in enumerate(inp.index.item_ids)}
+    others = [i for i in inp.index.item_ids if i != row["target"]][:g]
+    without = [(pos_of[i], -1.0 - k) for k, i in enumerate(others)]
+    with_target = [(pos_of[row["target"]], -0.5)] + without[: g - 1]
+    assert trainer._has_signal(row, with_target)
+    assert not trainer._has_signal(row, without)

@@ -34,6 +34,8 @@ class RLSettings:
     max_steps: int
     max_train_rows: int | None
     batch_prompts: int
+    filter_groups: bool
+    filter_max_prompts: int
     temperature: float
     sync_ref_model: bool
     ref_model_sync_steps: int

@@ -102,6 +102,7 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
         item_seqs=inp.item_seqs,
         sampling=s.sampling,
         rollout_log=rollout_log,
+        filter_prompts=s.filter_max_prompts if s.filter_groups else 0,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from rere import RereError
 from rere.decoding import beam_search, sample
 from rere.rl.rollout import distinct_first, group_stats, sample_ranks
 
@@ -31,7 +33,17 @@ from rere.rl.rollout import distinct_first, group_stats, sample_ranks
 class ReReTrainer(GRPOTrainer):
     """GRPOTrainer whose rollout is ReRe's (constrained beams or sampling over the catalogue)."""
 
-    def __init__(self, *args, index, trie, item_seqs, sampling: str, rollout_log: Path | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        index,
+        trie,
+        item_seqs,
+        sampling: str,
+        rollout_log: Path | None = None,
+        filter_prompts: int = 0,
+        **kwargs,
+    ):
         self.rere_index = index
         self.rere_trie = trie
         self.rere_item_seqs = item_seqs  # item position -> completion token ids (EOS included)
@@ -39,19 +51,86 @@ class ReReTrainer(GRPOTrainer):
         self.rere_rollout_log = rollout_log
         self._rere_inputs: list[dict] | None = None
         self._rere_groups: list[dict] = []
+        # rl.filter_groups: decode up to this many prompts per step and train on groups whose
+        # rewards are not all equal (0: off, train on the sampled batch as it is).
+        self.rere_filter_prompts = filter_prompts
+        self._rere_predecoded: dict[int, list[tuple[int, float]]] = {}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*'rollout_func'.*experimental")
             super().__init__(*args, rollout_func=self._rollout, **kwargs)
+        if filter_prompts and self.accelerator.num_processes > 1:
+            raise RereError(
+                "rl.filter_groups selects groups across the whole batch and runs in one process only; "
+                "set rl.filter_groups=false or train with one process."
+            )
 
     # TRL calls this with the local rows of one generation batch (each prompt's G copies).
     def _generate_and_score_completions(self, inputs):
+        if self.rere_filter_prompts:
+            inputs = self._groups_with_signal(inputs)
         self._rere_inputs = inputs
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._rere_inputs = None
+            self._rere_predecoded = {}
         self._log_groups(output["advantages"])
         return output
+
+    # ------------------------------------------------------------------------------------------
+    # DAPO-style dynamic sampling: spend the step on groups that carry an advantage
+
+    def _groups_with_signal(self, inputs: list[dict]) -> list[dict]:
+        """The generation batch's B prompts replaced by B prompts whose G rewards are not all
+        equal (a group with equal rewards has zero advantage and trains nothing).
+
+        Candidates are the batch's own prompts, then further train prompts drawn with a
+        seeded RNG (seed, step), decoded B at a time until B groups have signal or
+        `filter_prompts` prompts were decoded; the rest of the batch is filled with the
+        earliest decoded groups without signal. Every variant decodes with the same rule
+        and budget; the decoded groups are kept so the rollout does not decode them again.
+        """
+        g = self.num_generations
+        batch = [inputs[i] for i in range(0, len(inputs), g)]  # one row per group, in batch order
+        want = len(batch)
+        pool = self.train_dataset
+        taken = {int(r["row"]) for r in batch}
+        rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
+        extra = [i for i in rng.sample(range(len(pool)), min(len(pool), self.rere_filter_prompts)) if i not in taken]
+        candidates = batch + [pool[i] for i in extra[: max(0, self.rere_filter_prompts - want)]]
+        signal, flat, decoded = [], [], 0
+        for start in range(0, len(candidates), want):
+            chunk = candidates[start : start + want]
+            ids = self.processing_class(text=[r["prompt"] for r in chunk])["input_ids"]
+            for row, picks in zip(chunk, self._decode(ids, first_group=start), strict=True):
+                self._rere_predecoded[int(row["row"])] = picks
+                (signal if self._has_signal(row, picks) else flat).append(row)
+            decoded += len(chunk)
+            if len(signal) >= want:
+                break
+        chosen = (signal + flat)[:want]
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollout/decoded_prompts"].append(float(decoded))
+        self._metrics[mode]["rollout/signal_share_decoded"].append(len(signal) / decoded)
+        return [dict(row) for row in chosen for _ in range(g)]
+
+    def _has_signal(self, row: dict, picks: list[tuple[int, float]]) -> bool:
+        """Whether the weighted sum of this group's rewards varies across its G completions."""
+        g = self.num_generations
+        items = [self.rere_index.item_ids[pos] for pos, _ in picks]
+        ranks = list(range(1, g + 1)) if self.rere_sampling == "beam" else sample_ranks(items, [lp for _, lp in picks])
+        columns = {k: [v] * g for k, v in row.items() if k != "prompt"}
+        columns.update(
+            item_id=items,
+            beam_rank=ranks,
+            target_in_group=[int(row["target"]) in items] * g,
+            group_size=[g] * g,
+        )
+        total = [0.0] * g
+        for func, weight in zip(self.reward_funcs, self.reward_weights.tolist(), strict=True):
+            values = func(prompts=[row["prompt"]] * g, completions=[""] * g, **columns)
+            total = [t + weight * float(v) for t, v in zip(total, values, strict=True)]
+        return max(total) - min(total) > 1e-12
 
     def _decode(self, prompt_ids: list[list[int]], first_group: int) -> list[list[tuple[int, float]]]:
         """G (item position, log-prob) per prompt, in the order the completions are handed back."""
@@ -97,7 +176,10 @@ class ReReTrainer(GRPOTrainer):
 
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = list(range(rank, len(groups), world))
-        decoded = self._decode([groups[k][0][2] for k in mine], first_group=rank)
+        if all(groups[k][0][0] in self._rere_predecoded for k in mine):  # decoded while filtering
+            decoded = [self._rere_predecoded[groups[k][0][0]] for k in mine]
+        else:
+            decoded = self._decode([groups[k][0][2] for k in mine], first_group=rank)
         if any(len(d) != g for d in decoded):
             raise RuntimeError(f"the rollout returned {[len(d) for d in decoded]} completions per prompt, not {g}")
         by_group = dict(gather_object(list(zip(mine, decoded, strict=True))))
