@@ -4,15 +4,24 @@
 
 Reads, for every (dataset, method) the config lists (`sft`, each `rl.variants` entry, each
 `baselines.methods` entry):
-- `results/<dataset>/<method>/metrics.json` (written by `rere evaluate` / `rere baseline`);
+- `results/<dataset>/<method>/metrics.json` (written by `rere evaluate` / `rere baseline`)
+  and its `predictions.jsonl` (one ranked list per evaluated row) for the per-row metrics
+  behind every confidence interval and paired comparison (rere.stats);
 - `models/<dataset>/<variant>/trainer_log.jsonl` (one JSON log dict per line, with `step`,
-  `reward` or `rewards/<fn>/mean`, `kl`, `loss`) for the RL curves;
+  `reward` or `rewards/<fn>/mean`, `kl`, `loss`, TRL's `frac_reward_zero_std`) for the RL
+  curves and the share of groups with signal; the number of groups per step comes from the
+  same folder's `rollouts.jsonl` (one line per group), else its `config.yaml`;
+- `data/<dataset>/stats.json` (`train_from: valid` for a D3 import with
+  `missing_train: use_valid`) for the header's warnings;
 - Snakemake's benchmark TSVs under `benchmarks/` (columns `s` = wall time in seconds and
   `max_rss` = peak resident memory in MB) for the per-stage time and memory.
 
-Writes `table.csv` (one row per dataset and method), `report.md`, `report.html` and
-`figures/*.png`. A missing piece (no RL run, no benchmarks under DVC) is left out with a
-note in the report, never an error; only a run with no metrics at all is refused.
+Writes `table.csv` (one row per dataset and method, each HR@K/NDCG@K with its 95% CI),
+`comparisons.csv` (every paired comparison, every metric), `report.md`, `report.html` and
+`figures/*.png`. A missing piece (no RL run, no benchmarks under DVC, no predictions.jsonl)
+is left out with a note in the report, never an error; only a run with no metrics at all is
+refused, and so are predictions that disagree with their metrics.json or with another
+method's rows (a paired comparison of different rows would be meaningless).
 """
 
 from __future__ import annotations
@@ -26,12 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rere import RereError
-from rere.io import atomic_path, read_json
+import numpy as np
+import yaml
+
+from rere import RereError, stats
+from rere.io import atomic_path, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
 REFERENCE_METHOD = "rere"  # the RL variant whose gain the report states
+SELECTION_K = 10  # the best baseline is the one with the highest NDCG@10 (else NDCG at the largest K)
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +54,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--benchmarks", default="benchmarks", help="Snakemake benchmark TSVs (time and memory per stage)"
+    )
+    parser.add_argument(
+        "--data", default="data", help="folder with <dataset>/stats.json (whether train was copied from valid)"
     )
     parser.add_argument("--out", default="results", help="where table.csv, report.md, report.html and figures/ go")
 
@@ -77,10 +93,35 @@ def invalid_rate(metrics: dict) -> float:
     return float(metrics.get("invalid", 0)) / (rows * per_row)
 
 
-def results_table(results: Path, config: dict) -> tuple[list[dict], list[str]]:
-    """One row per (dataset, method) with a metrics.json; and notes for the missing ones."""
+def read_row_metrics(folder: Path, ks: list[int], metrics: dict) -> tuple[list[tuple], dict[str, np.ndarray]] | None:
+    """(row keys, per-row hr@K / ndcg@K arrays) from `folder/predictions.jsonl`; None without one.
+
+    The per-row means must give metrics.json's values back (to 1e-9): otherwise the two files
+    come from different runs and the intervals would describe another evaluation.
+    """
+    path = folder / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    records = read_jsonl(path)
+    if not records:
+        raise RereError(f"{path} is empty; re-run the evaluation of {folder.name}.")
+    per_row = stats.per_row_metrics(stats.ranks_from_records(records), ks)
+    for name, values in per_row.items():
+        if name in metrics and abs(float(values.mean()) - float(metrics[name])) > 1e-9:
+            raise RereError(
+                f"{path}: the rows give {name} = {values.mean():.6f} but metrics.json says {float(metrics[name]):.6f}; "
+                "the two files come from different runs. Re-run the evaluation of this method."
+            )
+    return stats.row_keys(records), per_row
+
+
+def results_table(results: Path, config: dict) -> tuple[list[dict], list[str], dict]:
+    """One row per (dataset, method) with a metrics.json, each metric with its 95% bootstrap
+    CI (`<metric>_lo`, `<metric>_hi`; None without predictions.jsonl); notes for the missing
+    ones; and the per-row metrics {(dataset, method): (row keys, {metric: array})}."""
     ks = sorted(set(config["evaluate"]["ks"]))
-    rows, notes = [], []
+    columns = metric_columns(config)
+    rows, notes, per_row = [], [], {}
     for dataset in config["datasets"]:
         for method, kind in methods_of(config):
             path = results / dataset / method / "metrics.json"
@@ -97,13 +138,43 @@ def results_table(results: Path, config: dict) -> tuple[list[dict], list[str]]:
             row["invalid_rate"] = invalid_rate(metrics)
             row["throughput"] = float(metrics["throughput"]) if "throughput" in metrics else None
             row["rows"] = int(metrics.get("rows", 0))
+            for name, value in metrics.items():  # validation metrics, if the stage recorded any
+                if name.startswith(("valid_", "best_valid_")) and isinstance(value, int | float):
+                    row.setdefault(name.removeprefix("best_"), float(value))
+            found = read_row_metrics(path.parent, ks, metrics)
+            if found is None:
+                notes.append(f"{dataset}/{method}: no predictions.jsonl next to metrics.json, so no CI.")
+                row.update({f"{c}_{end}": None for c in columns for end in ("lo", "hi")})
+            else:
+                per_row[(dataset, method)] = found
+                _, lo, hi = stats.bootstrap_ci(np.column_stack([found[1][c] for c in columns]), seed=config["seed"])
+                for j, c in enumerate(columns):
+                    row[f"{c}_lo"], row[f"{c}_hi"] = float(lo[j]), float(hi[j])
             rows.append(row)
-    return rows, notes
+    return rows, notes, per_row
 
 
 def metric_columns(config: dict) -> list[str]:
     ks = sorted(set(config["evaluate"]["ks"]))
     return [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+
+
+def selection_metric(columns: list[str]) -> str:
+    """NDCG@10 when it is computed, else NDCG at the largest cut-off.
+
+    >>> selection_metric(["hr@5", "hr@10", "ndcg@5", "ndcg@10"]), selection_metric(["hr@1", "ndcg@1", "ndcg@5"])
+    ('ndcg@10', 'ndcg@5')
+    """
+    wanted = f"ndcg@{SELECTION_K}"
+    if wanted in columns:
+        return wanted
+    return max((c for c in columns if c.startswith("ndcg@")), key=lambda c: int(c.split("@")[1]))
+
+
+def headline_metrics(columns: list[str]) -> list[str]:
+    """HR and NDCG at the selection cut-off: what the report's gain table shows."""
+    k = selection_metric(columns).split("@")[1]
+    return [f"hr@{k}", f"ndcg@{k}"]
 
 
 def relative_gain(value: float, reference: float) -> float | None:
@@ -119,36 +190,71 @@ def relative_gain(value: float, reference: float) -> float | None:
     return round((value - reference) / reference, 12)
 
 
-def gains(rows: list[dict], columns: list[str]) -> list[dict]:
-    """Per dataset and metric: ReRe, SFT and the best classic baseline, with ReRe's relative gains.
-
-    The best baseline is chosen per metric (the paper's "best baseline" convention).
-    Datasets without a `rere` row are skipped; a missing SFT or baseline gives None.
+def best_baseline(rows: list[dict], metric: str) -> tuple[dict | None, str]:
+    """The classic baseline with the highest `metric` on the validation split when every
+    baseline's metrics.json records it (`valid_<metric>`), else on the evaluated split; and
+    how it was chosen. The config's order breaks ties. A reference line, not a tuned choice.
     """
-    out = []
+    baselines = [r for r in rows if r["kind"] == "baseline"]
+    if not baselines:
+        return None, ""
+    key = f"valid_{metric}"
+    if all(key in r for r in baselines):
+        return max(baselines, key=lambda r: r[key]), f"best by validation {metric.upper()}"
+    return max(baselines, key=lambda r: r[metric]), f"best by {metric.upper()} on the evaluated split"
+
+
+def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) -> tuple[list[dict], dict]:
+    """Paired comparisons per dataset: every RL variant and baseline against SFT, and every
+    method (SFT included) against the best baseline, on every metric column.
+
+    Each line: dataset, method, reference, role ("sft" | "best baseline"), metric, value,
+    reference_value, diff = value - reference_value, relative, and from rere.stats.compare_columns
+    lo / hi (paired bootstrap 95% CI of diff), p (paired sign-flip permutation) and verdict;
+    those four are None when either method has no predictions.jsonl. Rows are checked to be
+    the same (same users, targets and histories in the same order) before any comparison.
+    Also returns {dataset: (best baseline method, how it was chosen)}.
+    """
+    out, best_of = [], {}
+    sel = selection_metric(columns)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        by_method = {r["method"]: r for r in rows if r["dataset"] == dataset}
-        rere = by_method.get(REFERENCE_METHOD)
-        if rere is None:
-            continue
-        baselines = [r for r in rows if r["dataset"] == dataset and r["kind"] == "baseline"]
-        sft = by_method.get("sft")
-        for col in columns:
-            # max() keeps the first of equal values: the config's order breaks ties.
-            best = max(baselines, key=lambda r: r[col]) if baselines else None
-            out.append(
-                {
-                    "dataset": dataset,
-                    "metric": col,
-                    "rere": rere[col],
-                    "sft": sft[col] if sft else None,
-                    "gain_vs_sft": relative_gain(rere[col], sft[col]) if sft else None,
-                    "best_baseline": best["method"] if best else None,
-                    "baseline": best[col] if best else None,
-                    "gain_vs_baseline": relative_gain(rere[col], best[col]) if best else None,
-                }
-            )
-    return out
+        ds_rows = [r for r in rows if r["dataset"] == dataset]
+        by_method = {r["method"]: r for r in ds_rows}
+        best, how = best_baseline(ds_rows, sel)
+        if best is not None:
+            best_of[dataset] = (best["method"], how)
+        pairs = []
+        if "sft" in by_method:
+            pairs += [(r, by_method["sft"], "sft") for r in ds_rows if r["kind"] != "sft"]
+        if best is not None:
+            pairs += [(r, best, "best baseline") for r in ds_rows if r["method"] != best["method"]]
+        for row, ref, role in pairs:
+            a, b = per_row.get((dataset, ref["method"])), per_row.get((dataset, row["method"]))
+            if a is not None and b is not None:
+                stats.check_aligned(a[0], b[0], f"{dataset}/{ref['method']}", f"{dataset}/{row['method']}")
+                tested = stats.compare_columns(a[1], b[1], seed=seed)
+            else:
+                tested = {}
+            for col in columns:
+                t = tested.get(col, {})
+                out.append(
+                    {
+                        "dataset": dataset,
+                        "method": row["method"],
+                        "reference": ref["method"],
+                        "role": role,
+                        "metric": col,
+                        "value": row[col],
+                        "reference_value": ref[col],
+                        "diff": row[col] - ref[col],
+                        "relative": relative_gain(row[col], ref[col]),
+                        "lo": t.get("lo"),
+                        "hi": t.get("hi"),
+                        "p": t.get("p"),
+                        "verdict": t.get("verdict"),
+                    }
+                )
+    return out, best_of
 
 
 def read_trainer_log(path: Path) -> list[dict]:
@@ -192,6 +298,58 @@ def curve(records: list[dict], quantity: str) -> tuple[list[float], list[float]]
             points.append((float(r["step"]), float(value)))
     points.sort(key=lambda p: p[0])
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def groups_per_step(folder: Path, n_steps: int, config: dict) -> tuple[list[int] | int, str]:
+    """How many groups (prompts, each with G completions) each of an RL run's `n_steps`
+    logged steps trained on, and where that number comes from.
+
+    1. `rollouts.jsonl` (one line per trained group, with its step): exact, step by step,
+       used when it has as many steps as the log has `frac_reward_zero_std` values.
+    2. The run's own resolved `config.yaml`: rl.batch_prompts per step, exact for one
+       process (TRL's batch is per process: N processes train N x batch_prompts groups).
+    3. The report's config, with the same caveat.
+    """
+    rollouts = folder / "rollouts.jsonl"
+    if rollouts.is_file():
+        counts: dict[int, int] = {}
+        for record in read_jsonl(rollouts):
+            if "step" in record:
+                counts[int(record["step"])] = counts.get(int(record["step"]), 0) + 1
+        if len(counts) == n_steps:
+            return [counts[k] for k in sorted(counts)], "counted per step in rollouts.jsonl"
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        with open(saved, encoding="utf-8") as f:
+            run_config = yaml.safe_load(f) or {}
+        prompts = (run_config.get("rl") or {}).get("batch_prompts")
+        if isinstance(prompts, int):
+            return prompts, "rl.batch_prompts of the run's config.yaml (one process)"
+    return int(config["rl"]["batch_prompts"]), "rl.batch_prompts of the report's config (one process)"
+
+
+def rl_signal(folder: Path, records: list[dict], config: dict) -> dict | None:
+    """Per-step share of groups with signal (rewards not all equal) and the run's totals.
+
+    groups with signal = sum over logged steps s of groups_s * (1 - frac_reward_zero_std_s)
+    (rere.stats.groups_with_signal). None when the log has no `frac_reward_zero_std`.
+    """
+    steps, shares = stats.signal_share(records)
+    if not steps:
+        return None
+    sizes, source = groups_per_step(folder, len(steps), config)
+    total = stats.groups_with_signal(shares, sizes)
+    decoded = [
+        r["rollout/decoded_prompts"] for r in records if isinstance(r.get("rollout/decoded_prompts"), int | float)
+    ]
+    return {
+        "steps": steps,
+        "shares": shares,
+        "source": source,
+        "groups_per_step": sizes if isinstance(sizes, int) else None,
+        "decoded": round(sum(decoded)) if decoded else None,
+        **{k: total[k] for k in ("groups", "with_signal", "share")},
+    }
 
 
 def read_benchmarks(folder: Path) -> list[dict]:
@@ -269,18 +427,41 @@ def plot_rl_curves(runs: dict[str, list[dict]], title: str, path: Path) -> bool:
 
 
 def plot_metric_bars(rows: list[dict], columns: list[str], title: str, path: Path) -> None:
-    """Grouped bars: one group per metric column, one bar per method."""
+    """Grouped bars: one group per metric column, one bar per method, with the 95% CI as
+    error bars where the row has one (`<metric>_lo` / `<metric>_hi`)."""
     plt = _pyplot()
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * max(len(rows), 1) * 0.5), 3.8))
     for i, row in enumerate(rows):
         xs = [c + i * width for c in range(len(columns))]
-        ax.bar(xs, [row[c] for c in columns], width=width, label=row["method"])
+        values = [row[c] for c in columns]
+        yerr = None
+        if all(row.get(f"{c}_lo") is not None for c in columns):
+            yerr = [[v - row[f"{c}_lo"] for c, v in zip(columns, values, strict=True)],  # below each bar
+                    [row[f"{c}_hi"] - v for c, v in zip(columns, values, strict=True)]]  # fmt: skip
+        ax.bar(xs, values, width=width, label=row["method"], yerr=yerr, capsize=2)
     ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(columns))], [c.upper() for c in columns])
-    ax.set_ylabel("score")
+    ax.set_ylabel("score (bars: 95% bootstrap CI)")
     ax.set_title(title)
     ax.legend(fontsize="small", ncols=2)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_signal(signal: dict[str, dict], title: str, path: Path) -> None:
+    """Share of a step's groups whose rewards are not all equal, per step, one line per variant."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for variant, sig in signal.items():
+        ax.plot(sig["steps"], sig["shares"], marker="o" if len(sig["steps"]) < 40 else None, label=variant)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("groups with signal\n(1 - frac_reward_zero_std)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -377,11 +558,80 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:+.1f}%"
 
 
+def headline_comparisons(tested: list[dict], variants: list[str], metric: str) -> list[dict]:
+    """The comparisons the report states in words: each RL variant against SFT, and SFT and
+    each RL variant against the best baseline, on the selection metric."""
+    return [
+        c
+        for c in tested
+        if c["metric"] == metric
+        and (
+            (c["role"] == "sft" and c["method"] in variants)
+            or (c["role"] != "sft" and c["method"] in ["sft", *variants])
+        )
+    ]
+
+
+def _diff_ci(c: dict) -> str:
+    """`+0.0016 [-0.0019, +0.0053]`, or the bare difference without an interval."""
+    if c["lo"] is None:
+        return f"{c['diff']:+.4f} [n/a]"
+    return f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+
+
+def _with_ci(row: dict, col: str) -> str:
+    if row.get(f"{col}_lo") is None:
+        return _fmt(row[col])
+    return f"{row[col]:.4f} [{row[f'{col}_lo']:.4f}, {row[f'{col}_hi']:.4f}]"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+VERDICT_SHOWN = {"higher": "higher *", "lower": "lower *", "no difference": "no difference", "borderline": "borderline"}
+
+
+def _verdict(c: dict) -> str:
+    return "n/a (no predictions)" if c["verdict"] is None else VERDICT_SHOWN[c["verdict"]]
+
+
+def data_warnings(data: Path, config: dict) -> list[str]:
+    """Header warnings about what a dataset's splits are: a D3 import whose train split is a
+    copy of valid (`missing_train: use_valid`, recorded as `train_from: valid` in stats.json)."""
+    out = []
+    for dataset, ds in config["datasets"].items():
+        path = data / dataset / "stats.json"
+        train_from = read_json(path).get("train_from") if path.is_file() else None
+        if train_from == "valid":
+            out.append(
+                f"Warning ({dataset}): train.csv is a copy of valid.csv (missing_train: use_valid, {path}). "
+                "Every model trained on the validation rows, so early stopping, SFT's validation loss and the "
+                "baselines' grid search ran on data the model trained on: validation numbers are optimistic and "
+                "model selection is not clean. The test split is still unseen."
+            )
+        elif train_from is None and (ds or {}).get("source") == "d3" and (ds or {}).get("missing_train") == "use_valid":
+            out.append(
+                f"Warning ({dataset}): the config allows missing_train: use_valid and there is no {path} to "
+                "say whether train.csv was copied from valid; if it was, early stopping and grid search ran on "
+                "data the model trained on."
+            )
+    return out
+
+
 TABLE_TAIL = ["invalid_rate", "throughput", "rows"]
 
 
-def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
-    header = ["dataset", "method", "kind", *columns, *TABLE_TAIL]
+def table_columns(columns: list[str]) -> list[str]:
+    """Each metric followed by its 95% CI bounds: hr@1, hr@1_lo, hr@1_hi, ...
+
+    >>> table_columns(["hr@1", "ndcg@1"])
+    ['hr@1', 'hr@1_lo', 'hr@1_hi', 'ndcg@1', 'ndcg@1_lo', 'ndcg@1_hi']
+    """
+    return [name for c in columns for name in (c, f"{c}_lo", f"{c}_hi")]
+
+
+def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -391,19 +641,45 @@ def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
             )
 
 
-def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path) -> dict:
-    """Write table.csv, report.md, report.html and figures/ under `out`; return what was found."""
-    rows, notes = results_table(results, config)
+def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
+    write_csv(path, ["dataset", "method", "kind", *table_columns(columns), *TABLE_TAIL], rows)
+
+
+COMPARISON_COLUMNS = [
+    "dataset", "method", "reference", "role", "metric", "value", "reference_value", "diff", "lo", "hi", "p",
+    "verdict", "relative",
+]  # fmt: skip
+
+
+def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path, data: Path | None = None) -> dict:
+    """Write table.csv, comparisons.csv, report.md, report.html and figures/ under `out`;
+    return what was found. `data` (default: `data` next to `results`) holds each dataset's
+    stats.json."""
+    rows, notes, per_row = results_table(results, config)
     if not rows:
         raise RereError(
             f"no metrics.json under {results} for the configured datasets and methods; run the pipeline first."
         )
+    data = Path(data) if data is not None else results.parent / "data"
     columns = metric_columns(config)
+    seed = config["seed"]
+    sel = selection_metric(columns)
+    tested, best_of = comparisons(rows, per_row, columns, seed)
+
     report = Report()
     report.heading("rere results", 1)
     report.para(
         f"Split: {config['evaluate']['split']}; beams: {config['evaluate']['num_beams']}; "
-        f"seed: {config['seed']}. HR@K and NDCG@K over all evaluated rows, full catalogue."
+        f"seed: {seed}. HR@K and NDCG@K over all evaluated rows, full catalogue."
+    )
+    for warning in data_warnings(data, config):
+        report.para(warning)
+    report.para(
+        f"[lo, hi]: 95% percentile-bootstrap interval over the evaluated rows ({stats.N_RESAMPLES} resamples, "
+        f"seed {seed}). Differences are paired (the same rows for both methods, resampled jointly); p is a "
+        f"two-sided paired sign-flip permutation test ({stats.N_RESAMPLES} sign vectors, exact for at most "
+        f"{stats.EXACT_MAX_ROWS} rows). One seed per method: the intervals cover the choice of test rows, not "
+        "training randomness; no correction for the number of comparisons."
     )
     report.heading("Results")
     report.table(
@@ -412,7 +688,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             [
                 r["dataset"],
                 r["method"],
-                *[_fmt(r[c]) for c in columns],
+                *[_with_ci(r, c) for c in columns],
                 _fmt(r["invalid_rate"]),
                 _fmt(r["throughput"], 1),
                 str(r["rows"]),
@@ -420,49 +696,91 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             for r in rows
         ],
     )
-    gain_rows = gains(rows, columns)
-    report.heading(f"Relative gain of ReRe (`{REFERENCE_METHOD}`)")
-    if gain_rows:
+
+    report.heading("Relative gain of ReRe and the other methods, with paired 95% CIs")
+    shown = headline_metrics(columns)
+    for dataset, (method, how) in best_of.items():
+        report.para(
+            f"{dataset}: the best baseline is {method} ({how}). "
+            + (
+                "It is picked on the split the table reports, so it is a reference line, not a tuned choice."
+                if "evaluated split" in how
+                else "It is picked on the validation split."
+            )
+        )
+    for c in headline_comparisons(tested, list(config["rl"]["variants"]), sel):
+        ratio = "" if not c["reference_value"] else f" ({c['value'] / c['reference_value']:.2f}x)"
+        report.para(
+            f"{c['dataset']}: {c['method']} - {c['reference']} on {sel.upper()} = {_diff_ci(c)}{ratio}, "
+            f"p = {_p(c['p'])}: {_verdict(c)}."
+        )
+    table = [c for c in tested if c["metric"] in shown]
+    if table:
         report.table(
-            ["dataset", "metric", "ReRe", "SFT", "vs SFT", "best baseline", "value", "vs baseline"],
+            ["dataset", "method", "vs", "metric", "value", "reference", "difference [95% CI]", "relative", "p",
+             "verdict"],
             [
-                [
-                    g["dataset"],
-                    g["metric"].upper(),
-                    _fmt(g["rere"]),
-                    _fmt(g["sft"]),
-                    _pct(g["gain_vs_sft"]),
-                    g["best_baseline"] or "n/a",
-                    _fmt(g["baseline"]),
-                    _pct(g["gain_vs_baseline"]),
-                ]
-                for g in gain_rows
+                [c["dataset"], c["method"], c["reference"] + (" (best baseline)" if c["role"] != "sft" else ""),
+                 c["metric"].upper(), _fmt(c["value"]), _fmt(c["reference_value"]), _diff_ci(c),
+                 _pct(c["relative"]), _p(c["p"]), _verdict(c)]
+                for c in table
             ],
+        )  # fmt: skip
+        report.para(
+            'Marked *: significant at 5% (the paired 95% CI excludes 0 and p < 0.05). "no difference": the CI contains 0. '
+            '"borderline": the CI excludes 0 but p >= 0.05. Every metric is in comparisons.csv.'
         )
     else:
-        report.para(f"No `{REFERENCE_METHOD}` results: no gain to report.")
+        report.para("No SFT or baseline to compare with.")
 
     bench = read_benchmarks(benchmarks)
     with atomic_path(out / "figures") as fig_dir:
         fig_dir.mkdir()
+        report.heading("RL: groups with signal")
+        report.para(
+            "A GRPO group (one prompt, G completions) moves the policy only when its rewards are not all equal: "
+            "with equal rewards every advantage is 0. Per step, TRL logs frac_reward_zero_std, the share of the "
+            "step's groups with reward std 0. Groups with signal = sum over steps of groups per step x "
+            "(1 - frac_reward_zero_std)."
+        )
+        for dataset in config["datasets"]:
+            runs, signal = {}, {}
+            for variant in config["rl"]["variants"]:
+                folder = models / dataset / variant
+                log_path = folder / "trainer_log.jsonl"
+                if log_path.is_file():
+                    runs[variant] = read_trainer_log(log_path)
+                    sig = rl_signal(folder, runs[variant], config)
+                    if sig is not None:
+                        signal[variant] = sig
+                    else:
+                        notes.append(f"{dataset}/{variant}: {log_path} has no frac_reward_zero_std, no signal share.")
+                else:
+                    notes.append(f"{dataset}/{variant}: no {log_path}, no RL curve.")
+            if signal:
+                report.table(
+                    ["dataset", "variant", "steps", "groups", "with signal", "share", "groups decoded",
+                     "groups per step from"],
+                    [
+                        [dataset, v, str(len(sig["steps"])), str(sig["groups"]), str(sig["with_signal"]),
+                         f"{sig['share']:.3f}", _fmt(sig["decoded"]), sig["source"]]
+                        for v, sig in signal.items()
+                    ],
+                )  # fmt: skip
+                plot_signal(signal, f"{dataset}: share of groups with signal", fig_dir / f"signal_{dataset}.png")
+                report.image(f"figures/signal_{dataset}.png", f"share of RL groups with signal per step on {dataset}")
+            if runs and plot_rl_curves(runs, f"{dataset}: RL training", fig_dir / f"rl_{dataset}.png"):
+                report.image(f"figures/rl_{dataset}.png", f"RL reward and KL on {dataset}")
+            elif runs:
+                notes.append(f"{dataset}: the RL logs have no reward or kl values, no RL curve.")
+
         report.heading("Figures")
         for dataset in config["datasets"]:
             ds_rows = [r for r in rows if r["dataset"] == dataset]
             if ds_rows:
                 ndcg = [c for c in columns if c.startswith("ndcg@")]
                 plot_metric_bars(ds_rows, ndcg, f"{dataset}: NDCG@K per method", fig_dir / f"ndcg_{dataset}.png")
-                report.image(f"figures/ndcg_{dataset}.png", f"NDCG@K per method on {dataset}")
-            runs = {}
-            for variant in config["rl"]["variants"]:
-                log_path = models / dataset / variant / "trainer_log.jsonl"
-                if log_path.is_file():
-                    runs[variant] = read_trainer_log(log_path)
-                else:
-                    notes.append(f"{dataset}/{variant}: no {log_path}, no RL curve.")
-            if runs and plot_rl_curves(runs, f"{dataset}: RL training", fig_dir / f"rl_{dataset}.png"):
-                report.image(f"figures/rl_{dataset}.png", f"RL reward and KL on {dataset}")
-            elif runs:
-                notes.append(f"{dataset}: the RL logs have no reward or kl values, no RL curve.")
+                report.image(f"figures/ndcg_{dataset}.png", f"NDCG@K per method on {dataset} (95% CI bars)")
         report.heading("Time and memory per stage")
         if bench:
             plot_stages(bench, fig_dir / "stages.png")
@@ -484,17 +802,20 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             log.info(note)
 
     write_table(out / "table.csv", rows, columns)
+    write_csv(out / "comparisons.csv", COMPARISON_COLUMNS, tested)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(report.markdown(), encoding="utf-8")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(report.html("rere results"), encoding="utf-8")
-    return {"rows": rows, "gains": gain_rows, "benchmarks": bench, "notes": notes}
+    return {"rows": rows, "comparisons": tested, "best_baseline": best_of, "benchmarks": bench, "notes": notes}
 
 
 def run(args, config: dict) -> int:
-    found = build(config, Path(args.results), Path(args.models), Path(args.benchmarks), Path(args.out))
+    found = build(
+        config, Path(args.results), Path(args.models), Path(args.benchmarks), Path(args.out), data=Path(args.data)
+    )
     log.info(
-        "wrote %s/table.csv (%d rows), report.md, report.html, figures/ (%d notes)",
+        "wrote %s/table.csv (%d rows), comparisons.csv, report.md, report.html, figures/ (%d notes)",
         args.out,
         len(found["rows"]),
         len(found["notes"]),

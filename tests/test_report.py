@@ -1,70 +1,73 @@
-"""`rere report`: table, gains, figures and notes from a hand-made run folder."""
+"""`rere report`: table with CIs, paired comparisons, RL signal, figures and notes from a hand-made run folder."""
 
 import csv
 import doctest
 import json
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 import rere.report
 from rere import RereError
 from rere.cli import main
 from rere.config import load_config
-from rere.report import build, curve, gains, read_benchmarks
+from rere.metrics import write_results
+from rere.report import build, curve, read_benchmarks, rl_signal
 
 TINY = Path(__file__).parent / "config" / "tiny.yaml"
 
 # tiny.yaml: dataset tiny, ks [1, 5], num_beams 5, variants rere + grpo, baselines pop + sasrec.
-METRICS = {
-    "sft": {
-        "hr@1": 0.10,
-        "hr@5": 0.30,
-        "ndcg@1": 0.10,
-        "ndcg@5": 0.20,
-        "rows": 30,
-        "invalid": 3,
-        "num_beams": 5,
-        "throughput": 12.5,
-    },
-    "rere": {
-        "hr@1": 0.15,
-        "hr@5": 0.36,
-        "ndcg@1": 0.15,
-        "ndcg@5": 0.25,
-        "rows": 30,
-        "invalid": 0,
-        "num_beams": 5,
-        "throughput": 11.0,
-    },
+# 30 evaluated rows (user i, history [i], target 100 + i); each method's 1-based rank of the
+# target per row (0: not in its 5 items), from which write_results computes metrics.json:
+RANKS = {
+    "sft": [2] * 15 + [0] * 15,  # HR@1 0, HR@5 0.5, NDCG@5 0.5 / log2(3) = 0.3155
+    "rere": [1] * 15 + [2] * 15,  # at least as good as SFT on every row: HR@1 0.5, HR@5 1
     # grpo not run: a note, not a crash
-    "pop": {"hr@1": 0.05, "hr@5": 0.40, "ndcg@1": 0.05, "ndcg@5": 0.16, "rows": 30, "invalid": 0, "throughput": 900.0},
-    "sasrec": {
-        "hr@1": 0.12,
-        "hr@5": 0.24,
-        "ndcg@1": 0.12,
-        "ndcg@5": 0.14,
-        "rows": 30,
-        "invalid": 0,
-        "throughput": 300.0,
-    },
+    "pop": [2] * 15 + [0] * 15,  # the same ranks as SFT on every row
+    "sasrec": [3] * 20 + [0] * 10,  # HR@5 2/3, NDCG@5 (20/30) * 0.5 = 0.3333: the best baseline
 }
+EXTRA = {
+    "sft": {"invalid": 3, "num_beams": 5, "throughput": 12.5},
+    "rere": {"invalid": 0, "num_beams": 5, "throughput": 11.0},
+    "pop": {"invalid": 0, "throughput": 900.0},
+    "sasrec": {"invalid": 0, "throughput": 300.0},
+}
+ROWS = [{"user_id": i, "history_item_id": [i], "item_id": 100 + i} for i in range(30)]
+
+
+def ranked(target: int, rank: int) -> list[int]:
+    items = [900 + j for j in range(5)]
+    if rank:
+        items[rank - 1] = target
+    return items
+
+
+def write_method(root: Path, method: str, ranks: list[int], rows=ROWS, **extra) -> Path:
+    folder = root / "results" / "tiny" / method
+    lists = [ranked(r["item_id"], k) for r, k in zip(rows, ranks, strict=True)]
+    write_results(folder, rows, lists, [[0.0] * 5] * len(rows), [1, 5], {**EXTRA.get(method, {}), **extra})
+    return folder
 
 
 def make_run(root: Path, with_rl_log=True, with_bench=True) -> None:
-    for method, m in METRICS.items():
-        folder = root / "results" / "tiny" / method
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps(m))
+    for method, ranks in RANKS.items():
+        write_method(root, method, ranks)
     if with_rl_log:
-        log = root / "models" / "tiny" / "rere" / "trainer_log.jsonl"
-        log.parent.mkdir(parents=True)
+        folder = root / "models" / "tiny" / "rere"
+        folder.mkdir(parents=True)
         lines = [
-            {"step": 2, "rewards/rule/mean": 0.5, "rewards/ranking/mean": -0.1, "kl": 0.02, "loss": 0.1},
-            {"step": 1, "rewards/rule/mean": 0.25, "rewards/ranking/mean": -0.2, "kl": 0.01, "loss": 0.2},
+            {"step": 2, "rewards/rule/mean": 0.5, "rewards/ranking/mean": -0.1, "kl": 0.02, "loss": 0.1,
+             "frac_reward_zero_std": 0.5, "rollout/decoded_prompts": 4},
+            {"step": 1, "rewards/rule/mean": 0.25, "rewards/ranking/mean": -0.2, "kl": 0.01, "loss": 0.2,
+             "frac_reward_zero_std": 1.0, "rollout/decoded_prompts": 2},
             {"train_runtime": 3.0},  # end-of-training summary: no step, ignored
-        ]
-        log.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        ]  # fmt: skip
+        (folder / "trainer_log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        # rollouts.jsonl: one line per trained group, its step taken before the optimizer step
+        groups = [{"step": s, "row": r, "advantages": [0.0] * 4} for s in (0, 1) for r in (0, 1)]
+        (folder / "rollouts.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
     if with_bench:
         bench = root / "benchmarks"
         (bench / "sft").mkdir(parents=True)
@@ -73,56 +76,153 @@ def make_run(root: Path, with_rl_log=True, with_bench=True) -> None:
         (bench / "report.tsv").write_text(header + "2.0\t0:00:02\t-\t-\t-\t-\t-\t-\t-\t-\n")
 
 
-def test_table_gains_figures_and_notes(tmp_path):
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_comparisons_figures_and_notes(tmp_path):
     make_run(tmp_path)
     config = load_config([TINY])
     out = tmp_path / "results"
     found = build(config, out, tmp_path / "models", tmp_path / "benchmarks", out)
 
-    with open(out / "table.csv", newline="") as f:
-        table = list(csv.DictReader(f))
+    table = read_csv(out / "table.csv")
     assert [r["method"] for r in table] == ["sft", "rere", "pop", "sasrec"]  # config order, grpo missing
     assert list(table[0]) == [
-        "dataset",
-        "method",
-        "kind",
-        "hr@1",
-        "hr@5",
-        "ndcg@1",
-        "ndcg@5",
-        "invalid_rate",
-        "throughput",
-        "rows",
-    ]
-    assert table[0]["kind"] == "sft" and table[1]["kind"] == "rl" and table[2]["kind"] == "baseline"
-    assert float(table[0]["invalid_rate"]) == pytest.approx(3 / (30 * 5))  # 3 bad beams of 150
-    assert float(table[1]["ndcg@5"]) == pytest.approx(0.25)
-    assert table[3]["rows"] == "30"
+        "dataset", "method", "kind",
+        "hr@1", "hr@1_lo", "hr@1_hi", "hr@5", "hr@5_lo", "hr@5_hi",
+        "ndcg@1", "ndcg@1_lo", "ndcg@1_hi", "ndcg@5", "ndcg@5_lo", "ndcg@5_hi",
+        "invalid_rate", "throughput", "rows",
+    ]  # fmt: skip
+    sft, rere, _, sasrec = table
+    assert sft["kind"] == "sft" and rere["kind"] == "rl" and table[2]["kind"] == "baseline"
+    assert float(sft["invalid_rate"]) == pytest.approx(3 / (30 * 5))  # 3 bad beams of 150
+    assert float(sft["ndcg@5"]) == pytest.approx(0.5 / math.log2(3))
+    assert float(sasrec["ndcg@5"]) == pytest.approx(1 / 3) and sasrec["rows"] == "30"
+    # SFT's HR@5 is 15 hits of 30: the interval is around 0.5; its HR@1 is 0 on every row.
+    assert float(sft["hr@5_lo"]) < 0.5 < float(sft["hr@5_hi"])
+    assert 0.25 < float(sft["hr@5_lo"]) and float(sft["hr@5_hi"]) < 0.75
+    assert sft["hr@1_lo"] == sft["hr@1_hi"] == "0.000000"
+    assert rere["hr@5_lo"] == rere["hr@5_hi"] == "1.000000"  # a hit on every row
 
-    by_metric = {g["metric"]: g for g in found["gains"]}
-    # ndcg@5: ReRe 0.25 vs SFT 0.20 -> +25%; best baseline pop 0.16 -> (0.25-0.16)/0.16 = +56.25%
-    assert by_metric["ndcg@5"]["gain_vs_sft"] == pytest.approx(0.25)
-    assert by_metric["ndcg@5"]["best_baseline"] == "pop"
-    assert by_metric["ndcg@5"]["gain_vs_baseline"] == pytest.approx(0.5625)
-    # hr@5: best baseline is pop (0.40), so ReRe (0.36) loses 10%
-    assert by_metric["hr@5"]["gain_vs_baseline"] == pytest.approx(-0.1)
-    # hr@1: best baseline is sasrec (0.12): +25%
-    assert by_metric["hr@1"]["best_baseline"] == "sasrec"
-    assert by_metric["hr@1"]["gain_vs_baseline"] == pytest.approx(0.25)
+    # best baseline: sasrec (NDCG@5 0.333 > pop's 0.315), chosen on the test split.
+    assert found["best_baseline"] == {"tiny": ("sasrec", "best by NDCG@5 on the evaluated split")}
+    by = {(c["method"], c["reference"], c["metric"]): c for c in found["comparisons"]}
+    # every non-SFT method against SFT, every method but sasrec against sasrec; 4 metrics each
+    assert len(found["comparisons"]) == 4 * (3 + 3)
+    assert ("sasrec", "sasrec", "ndcg@5") not in by and ("sft", "sft", "ndcg@5") not in by
+    c = by[("rere", "sft", "hr@5")]  # rere hits where sft misses on rows 15-29, ties elsewhere
+    assert c["diff"] == pytest.approx(0.5) and 0 < c["lo"] < 0.5 < c["hi"] <= 1
+    assert c["p"] == pytest.approx(1 / 2001) and c["verdict"] == "higher"
+    assert c["relative"] == pytest.approx(1.0)
+    same = by[("pop", "sft", "ndcg@5")]  # identical ranks on every row
+    assert (same["diff"], same["lo"], same["hi"], same["p"], same["verdict"]) == (0, 0, 0, 1.0, "no difference")
+    # SFT vs sasrec on NDCG@5: +0.131 on 15 rows, -0.5 on 5 rows, 0 on 10: mean -0.018, CI around 0
+    c = by[("sft", "sasrec", "ndcg@5")]
+    assert c["diff"] == pytest.approx((15 * (1 / math.log2(3) - 0.5) - 5 * 0.5) / 30)
+    assert c["lo"] < 0 < c["hi"] and c["verdict"] == "no difference"
+    assert len(read_csv(out / "comparisons.csv")) == len(found["comparisons"])
 
     md = (out / "report.md").read_text()
-    assert "+56.2%" in md and "-10.0%" in md
+    assert "| tiny | rere | sft | HR@5 | 1.0000 | 0.5000 | +0.5000 [" in md and "| +100.0% |" in md
+    assert "higher *" in md and "no difference" in md and "Marked *: significant at 5%" in md
+    assert "tiny: rere - sft on NDCG@5 = +0.5000 [" in md  # the headline sentence
+    assert "best baseline is sasrec (best by NDCG@5 on the evaluated split)" in md
+    assert "| sft | 0.0000 [0.0000, 0.0000] | 0.5000 [0." in md  # values with their CI
     assert "tiny/grpo: no" in md  # missing evaluation noted
     assert "no RL curve" in md  # grpo has no trainer log
-    for name in ("ndcg_tiny.png", "rl_tiny.png", "stages.png"):
+    # RL signal: step 1 none of 2 groups, step 2 one of 2 (frac 0.5): 1 group with signal of 4
+    assert "| tiny | rere | 2 | 4 | 1 | 0.250 | 6 | counted per step in rollouts.jsonl |" in md
+    assert "Warning" not in md  # tiny's data folder has no stats.json and tiny.yaml has no use_valid
+    for name in ("ndcg_tiny.png", "rl_tiny.png", "signal_tiny.png", "stages.png"):
         png = out / "figures" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"figures/{name}" in md
     page = (out / "report.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<td>56.25</td>" not in page and "+56.2%" in page
+    assert page.startswith("<!DOCTYPE html>") and "+100.0%" in page
     assert '<img src="figures/rl_tiny.png"' in page
     assert "| sft/tiny | 12.5 | 812 |" in md  # per-stage time and memory from the TSV
     assert "| report | 2.0 | n/a |" in md
+
+
+def test_best_baseline_is_chosen_on_validation_when_recorded(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    write_method(tmp_path, "pop", RANKS["pop"], **{"valid_ndcg@5": 0.2})
+    write_method(tmp_path, "sasrec", RANKS["sasrec"], **{"best_valid_ndcg@5": 0.1})
+    found = build(load_config([TINY]), tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+    assert found["best_baseline"]["tiny"] == ("pop", "best by validation NDCG@5")  # not sasrec, the test winner
+    assert "picked on the validation split" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_without_predictions_there_is_no_ci_but_still_a_difference(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    (tmp_path / "results" / "tiny" / "sasrec" / "predictions.jsonl").unlink()
+    found = build(load_config([TINY]), tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+    sasrec = read_csv(tmp_path / "out" / "table.csv")[3]
+    assert sasrec["method"] == "sasrec" and sasrec["ndcg@5_lo"] == "" and sasrec["ndcg@5"] != ""
+    c = next(
+        c for c in found["comparisons"] if (c["method"], c["reference"], c["metric"]) == ("sft", "sasrec", "ndcg@5")
+    )
+    assert c["diff"] == pytest.approx(0.5 / math.log2(3) - 1 / 3) and c["lo"] is None and c["verdict"] is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "tiny/sasrec: no predictions.jsonl" in md and "n/a (no predictions)" in md
+
+
+def test_rows_that_differ_between_methods_are_an_error(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    write_method(tmp_path, "pop", RANKS["pop"][::-1], rows=ROWS[::-1])  # the same rows, another order
+    with pytest.raises(RereError, match="tiny/sft and tiny/pop were not evaluated on the same rows: row 0"):
+        build(load_config([TINY]), tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+
+
+def test_predictions_that_disagree_with_metrics_are_an_error(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    path = tmp_path / "results" / "tiny" / "rere" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "hr@5": 0.9}))
+    with pytest.raises(RereError, match=r"rows give hr@5 = 1.000000 but metrics.json says 0.900000"):
+        build(load_config([TINY]), tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+
+
+def test_header_says_when_train_was_copied_from_valid(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    stats_json = tmp_path / "data" / "tiny" / "stats.json"
+    stats_json.parent.mkdir(parents=True)
+    stats_json.write_text(json.dumps({"train_from": "valid", "source": "d3"}))
+    config = load_config([TINY])
+    build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")  # data: results/../data
+    md = (tmp_path / "out" / "report.md").read_text()
+    header = md[: md.index("## Results")]
+    assert "Warning (tiny): train.csv is a copy of valid.csv (missing_train: use_valid" in header
+    assert "early stopping" in header and "grid search ran on data the model trained on" in header
+    stats_json.write_text(json.dumps({"train_from": "train"}))
+    build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+    assert "Warning" not in (tmp_path / "out" / "report.md").read_text()
+    # no stats.json, but the config allows use_valid: the header says it cannot tell
+    stats_json.unlink()
+    config = load_config([TINY], ["datasets.tiny.missing_train=use_valid"])
+    build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+    assert "Warning (tiny): the config allows missing_train: use_valid" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_groups_per_step_from_rollouts_else_the_runs_config(tmp_path):
+    config = load_config([TINY])
+    log = [{"step": 1, "frac_reward_zero_std": 2 / 3}, {"step": 2, "frac_reward_zero_std": 1 / 3}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"rl": {"batch_prompts": 3}}))
+    sig = rl_signal(tmp_path, log, config)  # 3 x 1/3 + 3 x 2/3 = 1 + 2 groups with signal of 6
+    assert (sig["groups"], sig["with_signal"], sig["groups_per_step"]) == (6, 3, 3)
+    assert sig["source"] == "rl.batch_prompts of the run's config.yaml (one process)"
+    # a rollouts.jsonl with another number of steps than the log is not used
+    (tmp_path / "rollouts.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    assert rl_signal(tmp_path, log, config)["source"].startswith("rl.batch_prompts of the run's")
+    # with one line per group for both steps it is, step by step
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 0, 0, 1, 1, 1)))
+    assert rl_signal(tmp_path, log, config)["source"] == "counted per step in rollouts.jsonl"
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "rollouts.jsonl").unlink()
+    with pytest.raises(RereError, match="not a whole number of groups"):
+        rl_signal(tmp_path, log, config)  # tiny.yaml's batch_prompts 2: 2 x 1/3 is no count of groups
+    assert rl_signal(tmp_path, [{"step": 1, "loss": 0.3}], config) is None
 
 
 def test_missing_rl_and_benchmarks_are_notes(tmp_path):
@@ -149,16 +249,6 @@ def test_metrics_without_configured_k_names_the_file(tmp_path):
     config = load_config([TINY], ["evaluate.ks=[1, 3]"])
     with pytest.raises(RereError, match=r"sft/metrics.json: no 'hr@3'"):
         build(config, tmp_path / "results", tmp_path / "models", tmp_path / "b", tmp_path / "out")
-
-
-def test_gain_with_zero_reference_and_no_rere():
-    rows = [
-        {"dataset": "d", "method": "sft", "kind": "sft", "ndcg@5": 0.0},
-        {"dataset": "d", "method": "rere", "kind": "rl", "ndcg@5": 0.1},
-        {"dataset": "e", "method": "sft", "kind": "sft", "ndcg@5": 0.3},
-    ]
-    (g,) = gains(rows, ["ndcg@5"])  # dataset e has no rere row: no gain line
-    assert g["gain_vs_sft"] is None and g["best_baseline"] is None and g["gain_vs_baseline"] is None
 
 
 def test_reward_curve_prefers_total_reward_and_skips_nan():
