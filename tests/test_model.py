@@ -2,9 +2,11 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from fixtures.rows import d3_row
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
@@ -42,21 +44,7 @@ def make_data(folder, n_items=24, n_users=12, seed=0):
         for t in range(1, len(seq)):
             h = seq[max(0, t - 5) : t]
             split = "test" if t == len(seq) - 1 else "valid" if t == len(seq) - 2 else "train"
-            splits[split].append(
-                {
-                    "user_id": str(u),
-                    "item_asins": [str(x) for x in h],
-                    "item_asin": str(seq[t]),
-                    "history_item_id": h,
-                    "item_id": seq[t],
-                    "history_item_title": [titles[x] for x in h],
-                    "item_title": titles[seq[t]],
-                    "history_rating": [5.0] * len(h),
-                    "rating": 5.0,
-                    "history_timestamp": list(range(len(h))),
-                    "timestamp": t,
-                }
-            )
+            splits[split].append(d3_row(str(u), h, seq[t], titles, str, list(range(len(h))), t))
     for name, rows in splits.items():
         write_split(folder / f"{name}.csv", rows)
     return titles
@@ -80,9 +68,7 @@ def _sets(*items):
     return [x for item in items for x in ("--set", item)]
 
 
-@pytest.fixture(scope="module")
-def scratch_title(workdir):
-    out = workdir / "base_title"
+def build_scratch_title(workdir: Path, out: Path) -> None:
     run_stage(
         "model",
         "--data",
@@ -93,6 +79,12 @@ def scratch_title(workdir):
         str(out),
         *_sets(*TINY),
     )
+
+
+@pytest.fixture(scope="module")
+def scratch_title(workdir):
+    out = workdir / "base_title"
+    build_scratch_title(workdir, out)
     return out
 
 
@@ -136,16 +128,7 @@ def test_scratch_model_builds_saves_reloads_and_generates(workdir, scratch_title
 
 def test_scratch_build_is_deterministic(workdir, scratch_title):
     out = workdir / "base_title_again"
-    run_stage(
-        "model",
-        "--data",
-        str(workdir / "data"),
-        "--index",
-        str(workdir / "idx_title"),
-        "--out",
-        str(out),
-        *_sets(*TINY),
-    )
+    build_scratch_title(workdir, out)
     assert (out / "tokenizer.json").read_bytes() == (scratch_title / "tokenizer.json").read_bytes()
     a, _, _ = load_model(scratch_title)
     b, _, _ = load_model(out)

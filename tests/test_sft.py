@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures.rows import d3_row
 
 from rere import RereError
 from rere.cli import main
@@ -60,19 +61,8 @@ def write_tiny_data(folder: Path, n_items: int = 12, n_users: int = 16, length: 
         seq = [(u + t) % n_items for t in range(length)]
         for t in range(1, length):
             hist = seq[max(0, t - 10) : t]
-            row = {
-                "user_id": f"U{u:03d}",
-                "item_asins": [f"A{i}" for i in hist],
-                "item_asin": f"A{seq[t]}",
-                "history_item_id": hist,
-                "item_id": seq[t],
-                "history_item_title": [titles[i] for i in hist],
-                "item_title": titles[seq[t]],
-                "history_rating": [5.0] * len(hist),
-                "rating": 5.0,
-                "history_timestamp": [1_500_000_000 + 86400 * k for k in range(len(hist))],
-                "timestamp": 1_500_000_000 + 86400 * t,
-            }
+            times = [1_500_000_000 + 86400 * k for k in range(len(hist))]
+            row = d3_row(f"U{u:03d}", hist, seq[t], titles, lambda i: f"A{i}", times, 1_500_000_000 + 86400 * t)
             split = "test" if t == length - 1 else "valid" if t == length - 2 else "train"
             splits[split].append(row)
     folder.mkdir(parents=True, exist_ok=True)
