@@ -139,6 +139,64 @@ def test_adding_a_dataset_or_variant_adds_exactly_its_jobs(workdir):
     }
 
 
+def test_config_overrides_reach_every_stage_as_set(workdir):
+    """`--config` becomes `--set KEY=VALUE` on every job (shell-quoted), one per leaf key."""
+    jobs = dry_run_jobs(
+        workdir, "results/table.csv", "--configfile", "tests/config/tiny.yaml",
+        "--config", "seed=7", "sft={max_steps: 3}", "tracking={experiment: my exp}",
+    )  # fmt: skip
+    assert len(jobs) == 12  # the same DAG as without overrides
+    overrides = "--set seed=7 --set sft.max_steps=3 --set 'tracking.experiment=my exp'"
+    for job in jobs:
+        assert f"--config tests/config/tiny.yaml {overrides} " in job["shell"], job["shell"]
+
+
+def test_config_override_typo_fails_naming_the_key(workdir):
+    proc = snakemake("--dry-run", "--config", "sft={max_stepz: 3}", cwd=workdir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "unknown key ['max_stepz'] under 'sft'" in out and "sft.max_stepz=3" in out, out
+    assert "Traceback" not in out and 'File "' not in out, out
+
+
+@pytest.mark.slow
+def test_config_overrides_change_the_resolved_config_of_a_real_run(tmp_path):
+    """data + index for real, with the config file in a folder whose name has a space: the
+    overrides are in each output's resolved config and change the outputs themselves."""
+    work = copy_workflow(tmp_path / "work")
+    (work / "my configs").mkdir()
+    shutil.copy(work / "tests/config/tiny.yaml", work / "my configs/tiny.yaml")
+    proc = snakemake(
+        "--cores", "1", "index/tiny/index.json", "--configfile", "my configs/tiny.yaml",
+        "--config", "datasets={tiny: {max_history: 3}}", "index={kind: sid}", "tracking={experiment: my exp}",
+        cwd=work,
+    )  # fmt: skip
+    logs = "".join(p.read_text() for p in (work / "logs").rglob("*.log"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs
+    for folder in ("data/tiny", "index/tiny"):
+        resolved = yaml.safe_load((work / folder / "config.yaml").read_text())
+        assert resolved["datasets"]["tiny"]["max_history"] == 3, folder  # tiny.yaml says 10
+        assert resolved["index"]["kind"] == "sid", folder  # tiny.yaml leaves the default, title
+        assert resolved["tracking"]["experiment"] == "my exp", folder
+    index = json.loads((work / "index/tiny/index.json").read_text())
+    assert index["kind"] == "sid"  # the override changed the artifact, not only its record
+
+
+def test_slurm_profile_fails_fast_without_account_or_partition(workdir):
+    for missing in ("SLURM_ACCOUNT", "SLURM_PARTITION"):
+        env = {k: v for k, v in os.environ.items() if k not in {"SLURM_ACCOUNT", "SLURM_PARTITION"}}
+        env |= {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+        del env[missing]
+        proc = subprocess.run(
+            [str(BIN / "snakemake"), "--dry-run", "--profile", "workflow/profiles/slurm"],
+            cwd=workdir, env={**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}, capture_output=True, text=True,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert f"{missing} is not set" in out and f"export {missing}=" in out, out
+        assert "Traceback" not in out, out
+
+
 def dvc_steps(root: Path) -> dict[str, tuple[set, set]]:
     """dvc.yaml resolved by DVC itself: command -> (deps without params, outs incl. metrics)."""
     from dvc.dependency.param import ParamsDependency
