@@ -232,15 +232,10 @@ def test_dvc_yaml_declares_params_metrics_and_plots():
     assert "remote" not in dvc_config  # `dvc repro` needs none
 
 
-def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
-    """Dry run through the profile, then the plugin's own sbatch-string builders on each job."""
+def sbatch_calls(jobs: list[dict]) -> dict[str, str]:
+    """rule -> the sbatch call the Slurm plugin's own builders make for that rule's (last) job."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
-
-    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
-    jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", "--configfile", "config/amazon.yaml", env=env)
-    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
-    assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["jobs"] >= 1
 
     class Resources(dict):
         __getattr__ = dict.get
@@ -252,12 +247,56 @@ def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
         params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "workdir": None}
         params |= {"account": f" -A {res['slurm_account']}", "partition": f" -p {res['slurm_partition']}"}
         seen[job["rule"]] = get_submit_command(fake, params) + set_gres_string(fake)
+    return seen
+
+
+def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
+    """Dry run through the profile, then the plugin's own sbatch-string builders on each job."""
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", "--configfile", "config/amazon.yaml", env=env)
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["jobs"] >= 1
+
+    seen = sbatch_calls(jobs)
     assert set(seen) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
     for rule, call in seen.items():
         assert " -A acct1" in call and " -p part1" in call, call
         assert ("--gpus=1" in call) == (rule in {"model", "sft", "rl", "evaluate"}), call
     assert " -t 1440" in seen["sft"] and "--mem 64000" in seen["sft"]
     assert " -t 15" in seen["report"] and "--cpus-per-task=1" in seen["report"]
+
+
+def test_slurm_cpu_layer_fits_a_small_node_without_gpus(workdir):
+    """The CPU layer replaces the GPU profile's set-resources/set-threads as a whole, so it must
+    size every rule itself: at most 2 CPUs and 8 GB each, no GPU, the account still set."""
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    profiles = ["--profile", "workflow/profiles/slurm", "--profile", "workflow/profiles/slurm-cpu"]
+    jobs = dry_run_jobs(workdir, *profiles, "--configfile", "config/amazon.yaml", env=env)
+    calls = sbatch_calls(jobs)
+    assert set(calls) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
+    for rule, call in calls.items():
+        assert "--gpus" not in call and " -A acct1" in call, call
+        cpus = int(re.search(r"--cpus-per-task=(\d+)", call).group(1))
+        mem = int(re.search(r"--mem (\d+)", call).group(1))
+        assert cpus <= 2 and mem <= 8000, call
+    layer = yaml.safe_load((ROOT / "workflow/profiles/slurm-cpu/config.yaml").read_text())
+    assert set(layer["set-resources"]) == set(calls) == set(layer["set-threads"])
+    assert all(n <= 2 for n in layer["set-threads"].values())
+
+
+def test_processes_start_rl_through_the_launcher_and_ask_slurm_for_as_many_gpus(workdir):
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    args = ["results/table.csv", "--configfile", "tests/config/tiny.yaml"]
+    for launch, prefix in [
+        ("torchrun", "torchrun --standalone --nproc_per_node 4 -m rere.cli rl "),
+        ("accelerate", "accelerate launch --num_processes 4 --main_process_port 0 -m rere.cli rl "),
+    ]:
+        override = f"launch={{launcher: {launch}, processes: {{rl: 4}}}}"
+        jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", *args, "--config", override, env=env)
+        calls = sbatch_calls(jobs)
+        for job in jobs:
+            assert command(job["shell"]).startswith(prefix if job["rule"] == "rl" else f"rere {job['rule']} ")
+        assert "--gpus=4" in calls["rl"] and "--gpus=1" in calls["sft"], calls
 
 
 def test_configs_validate():
@@ -305,3 +344,25 @@ def test_tiny_config_runs_end_to_end(tmp_path):
     benchmarks = sorted(p.relative_to(work / "benchmarks").as_posix() for p in (work / "benchmarks").rglob("*.tsv"))
     assert len(benchmarks) == 12  # data, index, model, sft, 2 rl, 3 evaluate, 2 baseline, report
     assert (work / "models/tiny/rere/trainer_log.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_rl_runs_as_two_processes_through_snakemake(tmp_path):
+    """launch.processes.rl: 2 for real: Snakemake starts `torchrun ... rere.cli rl` (gloo on
+    CPU) after data, index, model and sft; both processes trained (2 x batch_prompts rows
+    per step) and one model folder was published."""
+    work = copy_workflow(tmp_path)
+    proc = snakemake(
+        "--cores", "2", "models/tiny/rere", "--configfile", "tests/config/tiny.yaml",
+        "--config", "launch={processes: {rl: 2}}", cwd=work, timeout=900,
+    )  # fmt: skip
+    logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((work / "logs").rglob("*.log")))
+    assert proc.returncode == 0, proc.stderr[-5000:] + logs
+    out = work / "models/tiny/rere"
+    assert json.loads((out / "rl_summary.json").read_text())["processes"] == 2
+    tiny = load_config([ROOT / "tests/config/tiny.yaml"])["rl"]
+    groups = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines() if line.strip()]
+    per_step = Counter(g["step"] for g in groups)
+    assert sorted(per_step) == list(range(tiny["max_steps"]))
+    assert set(per_step.values()) == {2 * tiny["batch_prompts"]}
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["processes"]["rl"] == 2
