@@ -210,18 +210,49 @@ def dvc_steps(root: Path) -> dict[str, tuple[set, set]]:
     return steps
 
 
-def test_dvc_yaml_describes_the_same_steps_as_snakemake(default_jobs):
-    snake = {command(j["shell"]): (set(j["input"]), set(j["output"])) for j in default_jobs}
-    dvc = dvc_steps(ROOT)
+def assert_same_steps(jobs: list[dict], root: Path) -> None:
+    snake = {command(j["shell"]): (set(j["input"]), set(j["output"])) for j in jobs}
+    dvc = dvc_steps(root)
     assert sorted(dvc) == sorted(snake)  # same commands
     for cmd, (inputs, outputs) in snake.items():
         assert dvc[cmd] == (inputs, outputs), cmd
 
 
+def test_dvc_yaml_describes_the_same_steps_as_snakemake(default_jobs):
+    assert_same_steps(default_jobs, ROOT)
+
+
+def test_dvc_yaml_gives_a_collaborative_variant_its_sasrec(tmp_path):
+    """A `collaborative` variant added as a user would (config, then dvc.yaml's variant list
+    and report inputs): DVC runs the same `rere rl ... --sasrec` after the same SASRec."""
+    work = copy_workflow(tmp_path)
+    shutil.copytree(ROOT / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp"))
+    with open(work / ".dvc/config", "a") as f:
+        f.write("    no_scm = true\n")  # the copy is no git repository
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["rl"]["variants"]["cf"] = {"sampling": "beam", "reward": "collaborative", "loss": "grpo"}
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    spec = yaml.safe_load((work / "dvc.yaml").read_text())
+    spec["vars"][1]["rl_variants"]["collaborative"] = ["cf"]
+    spec["stages"]["report"]["deps"] += ["results/ml100k/cf/metrics.json", "models/ml100k/cf"]
+    (work / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    jobs = dry_run_jobs(work)
+    (cf,) = [j for j in jobs if j["rule"] == "rl" and j["output"] == ["models/ml100k/cf"]]
+    assert "--sasrec results/ml100k/sasrec " in cf["shell"]
+    assert "results/ml100k/sasrec/metrics.json" in cf["input"]
+    assert_same_steps(jobs, work)
+
+
 def test_dvc_yaml_declares_params_metrics_and_plots():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert spec["vars"] == ["config/config.yaml:datasets,rl,baselines"]
-    for name in ("data", "index", "model", "sft", "rl", "evaluate", "evaluate-rl", "baseline", "report"):
+    assert spec["vars"][0] == "config/config.yaml:datasets,rl,baselines"
+    variants = load_config()["rl"]["variants"]
+    assert spec["vars"][1]["rl_variants"] == {
+        "plain": [v for v, s in variants.items() if s["reward"] != "collaborative"],
+        "collaborative": [v for v, s in variants.items() if s["reward"] == "collaborative"],
+    }
+    for name in ("data", "index", "model", "sft", "rl", "rl-collaborative", "evaluate", "evaluate-rl", "baseline", "report"):
         stage = spec["stages"][name].get("do", spec["stages"][name])
         assert "config/config.yaml" in stage["params"][0], name
     for name in ("evaluate", "evaluate-rl", "baseline"):
