@@ -93,6 +93,10 @@ def check_slurm_variables():
     """workflow/profiles/slurm takes the account and partition from the environment: an unset
     variable would reach sbatch as the literal text `$SLURM_ACCOUNT`. Fail before any job.
     """
+    if not workflow.is_main_process:
+        # Inside a submitted job: submission is over, and the jobstep plugin's nested srun
+        # drops the SLURM_* variables from the environment.
+        return
     settings = workflow.resource_settings
     raw = [getattr(r, "raw", r) for r in (settings.default_resources or {}).values()]
     for per_rule in (settings.overwrite_resources or {}).values():
