@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_workflow import BIN, copy_workflow
 
 pytestmark = pytest.mark.slow

@@ -252,7 +252,8 @@ def test_dvc_yaml_declares_params_metrics_and_plots():
         "plain": [v for v, s in variants.items() if s["reward"] != "collaborative"],
         "collaborative": [v for v, s in variants.items() if s["reward"] == "collaborative"],
     }
-    for name in ("data", "index", "model", "sft", "rl", "rl-collaborative", "evaluate", "evaluate-rl", "baseline", "report"):
+    stages = ["data", "index", "model", "sft", "rl", "rl-collaborative", "evaluate", "evaluate-rl", "baseline"]
+    for name in [*stages, "report"]:
         stage = spec["stages"][name].get("do", spec["stages"][name])
         assert "config/config.yaml" in stage["params"][0], name
     for name in ("evaluate", "evaluate-rl", "baseline"):
@@ -305,7 +306,7 @@ def test_slurm_cpu_layer_fits_a_small_node_without_gpus(workdir):
     jobs = dry_run_jobs(workdir, *profiles, "--configfile", "config/amazon.yaml", env=env)
     calls = sbatch_calls(jobs)
     assert set(calls) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
-    for rule, call in calls.items():
+    for call in calls.values():
         assert "--gpus" not in call and " -A acct1" in call, call
         cpus = int(re.search(r"--cpus-per-task=(\d+)", call).group(1))
         mem = int(re.search(r"--mem (\d+)", call).group(1))

@@ -99,8 +99,8 @@ def check_slurm_variables():
         return
     settings = workflow.resource_settings
     raw = [getattr(r, "raw", r) for r in (settings.default_resources or {}).values()]
-    for per_rule in (settings.overwrite_resources or {}).values():
-        raw += [getattr(r, "raw", r) for r in per_rule.values()]
+    for overrides in (settings.overwrite_resources or {}).values():
+        raw += [getattr(r, "raw", r) for r in overrides.values()]
     hints = {
         "SLURM_ACCOUNT": "your account, see `sacctmgr show associations user=$USER`",
         "SLURM_PARTITION": "a partition, see `sinfo -s`",
