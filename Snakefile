@@ -1,12 +1,9 @@
 # rere: data -> index -> base model -> SFT -> RL variants -> evaluation -> report, plus the
 # classic baselines, for every dataset and method in the config. Each rule is one `rere`
 # subcommand (the same command dvc.yaml and the tests run).
-import os
 import re
 
 from snakemake.utils import min_version, validate
-
-from rere.config import load_config
 
 min_version("9.0")
 
@@ -14,21 +11,20 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+include: "workflow/rules/common.smk"
+
+
 # `--configfile A B` replaces the default file (later files override earlier ones; keys a
-# file leaves out take the schema's defaults). The rules hand `rere` the same files in the
-# same order, and the DAG is built from what `rere` reads, so the two cannot disagree.
-CONFIG_FILES = [
-    (
-        os.path.relpath(f)
-        if os.path.abspath(f).startswith(os.getcwd() + os.sep)
-        else str(f)
-    )
-    for f in workflow.config_settings.configfiles
-] or ["config/config.yaml"]
-CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES)
+# file leaves out take the schema's defaults) and `--config key=value` overrides keys as
+# `rere --set` does. The rules hand `rere` the same files and overrides, and the DAG is built
+# from what `rere` reads, so the two cannot disagree.
+CONFIG_FILES = config_files()
+CONFIG_OVERRIDES = config_overrides()
+CONFIG_ARGS = rere_config_args(CONFIG_FILES, CONFIG_OVERRIDES)
 config.clear()
-config.update(load_config(CONFIG_FILES))
+config.update(workflow_config(CONFIG_FILES, CONFIG_OVERRIDES))
 validate(config, "workflow/schemas/config.schema.yaml")
+check_slurm_variables()
 
 DATASETS = list(config["datasets"])
 VARIANTS = list(config["rl"]["variants"])

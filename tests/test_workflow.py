@@ -139,6 +139,64 @@ def test_adding_a_dataset_or_variant_adds_exactly_its_jobs(workdir):
     }
 
 
+def test_config_overrides_reach_every_stage_as_set(workdir):
+    """`--config` becomes `--set KEY=VALUE` on every job (shell-quoted), one per leaf key."""
+    jobs = dry_run_jobs(
+        workdir, "results/table.csv", "--configfile", "tests/config/tiny.yaml",
+        "--config", "seed=7", "sft={max_steps: 3}", "tracking={experiment: my exp}",
+    )  # fmt: skip
+    assert len(jobs) == 12  # the same DAG as without overrides
+    overrides = "--set seed=7 --set sft.max_steps=3 --set 'tracking.experiment=my exp'"
+    for job in jobs:
+        assert f"--config tests/config/tiny.yaml {overrides} " in job["shell"], job["shell"]
+
+
+def test_config_override_typo_fails_naming_the_key(workdir):
+    proc = snakemake("--dry-run", "--config", "sft={max_stepz: 3}", cwd=workdir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "unknown key ['max_stepz'] under 'sft'" in out and "sft.max_stepz=3" in out, out
+    assert "Traceback" not in out and 'File "' not in out, out
+
+
+@pytest.mark.slow
+def test_config_overrides_change_the_resolved_config_of_a_real_run(tmp_path):
+    """data + index for real, with the config file in a folder whose name has a space: the
+    overrides are in each output's resolved config and change the outputs themselves."""
+    work = copy_workflow(tmp_path / "work")
+    (work / "my configs").mkdir()
+    shutil.copy(work / "tests/config/tiny.yaml", work / "my configs/tiny.yaml")
+    proc = snakemake(
+        "--cores", "1", "index/tiny/index.json", "--configfile", "my configs/tiny.yaml",
+        "--config", "datasets={tiny: {max_history: 3}}", "index={kind: sid}", "tracking={experiment: my exp}",
+        cwd=work,
+    )  # fmt: skip
+    logs = "".join(p.read_text() for p in (work / "logs").rglob("*.log"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs
+    for folder in ("data/tiny", "index/tiny"):
+        resolved = yaml.safe_load((work / folder / "config.yaml").read_text())
+        assert resolved["datasets"]["tiny"]["max_history"] == 3, folder  # tiny.yaml says 10
+        assert resolved["index"]["kind"] == "sid", folder  # tiny.yaml leaves the default, title
+        assert resolved["tracking"]["experiment"] == "my exp", folder
+    index = json.loads((work / "index/tiny/index.json").read_text())
+    assert index["kind"] == "sid"  # the override changed the artifact, not only its record
+
+
+def test_slurm_profile_fails_fast_without_account_or_partition(workdir):
+    for missing in ("SLURM_ACCOUNT", "SLURM_PARTITION"):
+        env = {k: v for k, v in os.environ.items() if k not in {"SLURM_ACCOUNT", "SLURM_PARTITION"}}
+        env |= {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+        del env[missing]
+        proc = subprocess.run(
+            [str(BIN / "snakemake"), "--dry-run", "--profile", "workflow/profiles/slurm"],
+            cwd=workdir, env={**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}, capture_output=True, text=True,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert f"{missing} is not set" in out and f"export {missing}=" in out, out
+        assert "Traceback" not in out, out
+
+
 def dvc_steps(root: Path) -> dict[str, tuple[set, set]]:
     """dvc.yaml resolved by DVC itself: command -> (deps without params, outs incl. metrics)."""
     from dvc.dependency.param import ParamsDependency
@@ -152,18 +210,50 @@ def dvc_steps(root: Path) -> dict[str, tuple[set, set]]:
     return steps
 
 
-def test_dvc_yaml_describes_the_same_steps_as_snakemake(default_jobs):
-    snake = {command(j["shell"]): (set(j["input"]), set(j["output"])) for j in default_jobs}
-    dvc = dvc_steps(ROOT)
+def assert_same_steps(jobs: list[dict], root: Path) -> None:
+    snake = {command(j["shell"]): (set(j["input"]), set(j["output"])) for j in jobs}
+    dvc = dvc_steps(root)
     assert sorted(dvc) == sorted(snake)  # same commands
     for cmd, (inputs, outputs) in snake.items():
         assert dvc[cmd] == (inputs, outputs), cmd
 
 
+def test_dvc_yaml_describes_the_same_steps_as_snakemake(default_jobs):
+    assert_same_steps(default_jobs, ROOT)
+
+
+def test_dvc_yaml_gives_a_collaborative_variant_its_sasrec(tmp_path):
+    """A `collaborative` variant added as a user would (config, then dvc.yaml's variant list
+    and report inputs): DVC runs the same `rere rl ... --sasrec` after the same SASRec."""
+    work = copy_workflow(tmp_path)
+    shutil.copytree(ROOT / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp"))
+    with open(work / ".dvc/config", "a") as f:
+        f.write("    no_scm = true\n")  # the copy is no git repository
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["rl"]["variants"]["cf"] = {"sampling": "beam", "reward": "collaborative", "loss": "grpo"}
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    spec = yaml.safe_load((work / "dvc.yaml").read_text())
+    spec["vars"][1]["rl_variants"]["collaborative"] = ["cf"]
+    spec["stages"]["report"]["deps"] += ["results/ml100k/cf/metrics.json", "models/ml100k/cf"]
+    (work / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    jobs = dry_run_jobs(work)
+    (cf,) = [j for j in jobs if j["rule"] == "rl" and j["output"] == ["models/ml100k/cf"]]
+    assert "--sasrec results/ml100k/sasrec " in cf["shell"]
+    assert "results/ml100k/sasrec/metrics.json" in cf["input"]
+    assert_same_steps(jobs, work)
+
+
 def test_dvc_yaml_declares_params_metrics_and_plots():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert spec["vars"] == ["config/config.yaml:datasets,rl,baselines"]
-    for name in ("data", "index", "model", "sft", "rl", "evaluate", "evaluate-rl", "baseline", "report"):
+    assert spec["vars"][0] == "config/config.yaml:datasets,rl,baselines"
+    variants = load_config()["rl"]["variants"]
+    assert spec["vars"][1]["rl_variants"] == {
+        "plain": [v for v, s in variants.items() if s["reward"] != "collaborative"],
+        "collaborative": [v for v, s in variants.items() if s["reward"] == "collaborative"],
+    }
+    stages = ["data", "index", "model", "sft", "rl", "rl-collaborative", "evaluate", "evaluate-rl", "baseline"]
+    for name in [*stages, "report"]:
         stage = spec["stages"][name].get("do", spec["stages"][name])
         assert "config/config.yaml" in stage["params"][0], name
     for name in ("evaluate", "evaluate-rl", "baseline"):
@@ -174,15 +264,10 @@ def test_dvc_yaml_declares_params_metrics_and_plots():
     assert "remote" not in dvc_config  # `dvc repro` needs none
 
 
-def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
-    """Dry run through the profile, then the plugin's own sbatch-string builders on each job."""
+def sbatch_calls(jobs: list[dict]) -> dict[str, str]:
+    """rule -> the sbatch call the Slurm plugin's own builders make for that rule's (last) job."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
-
-    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
-    jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", "--configfile", "config/amazon.yaml", env=env)
-    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
-    assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["jobs"] >= 1
 
     class Resources(dict):
         __getattr__ = dict.get
@@ -194,12 +279,56 @@ def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
         params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "workdir": None}
         params |= {"account": f" -A {res['slurm_account']}", "partition": f" -p {res['slurm_partition']}"}
         seen[job["rule"]] = get_submit_command(fake, params) + set_gres_string(fake)
+    return seen
+
+
+def test_slurm_profile_requests_gpus_only_for_llm_rules(workdir):
+    """Dry run through the profile, then the plugin's own sbatch-string builders on each job."""
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", "--configfile", "config/amazon.yaml", env=env)
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["jobs"] >= 1
+
+    seen = sbatch_calls(jobs)
     assert set(seen) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
     for rule, call in seen.items():
         assert " -A acct1" in call and " -p part1" in call, call
         assert ("--gpus=1" in call) == (rule in {"model", "sft", "rl", "evaluate"}), call
     assert " -t 1440" in seen["sft"] and "--mem 64000" in seen["sft"]
     assert " -t 15" in seen["report"] and "--cpus-per-task=1" in seen["report"]
+
+
+def test_slurm_cpu_layer_fits_a_small_node_without_gpus(workdir):
+    """The CPU layer replaces the GPU profile's set-resources/set-threads as a whole, so it must
+    size every rule itself: at most 2 CPUs and 8 GB each, no GPU, the account still set."""
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    profiles = ["--profile", "workflow/profiles/slurm", "--profile", "workflow/profiles/slurm-cpu"]
+    jobs = dry_run_jobs(workdir, *profiles, "--configfile", "config/amazon.yaml", env=env)
+    calls = sbatch_calls(jobs)
+    assert set(calls) == {"data", "index", "model", "sft", "rl", "evaluate", "baseline", "report"}
+    for call in calls.values():
+        assert "--gpus" not in call and " -A acct1" in call, call
+        cpus = int(re.search(r"--cpus-per-task=(\d+)", call).group(1))
+        mem = int(re.search(r"--mem (\d+)", call).group(1))
+        assert cpus <= 2 and mem <= 8000, call
+    layer = yaml.safe_load((ROOT / "workflow/profiles/slurm-cpu/config.yaml").read_text())
+    assert set(layer["set-resources"]) == set(calls) == set(layer["set-threads"])
+    assert all(n <= 2 for n in layer["set-threads"].values())
+
+
+def test_processes_start_rl_through_the_launcher_and_ask_slurm_for_as_many_gpus(workdir):
+    env = {"SLURM_ACCOUNT": "acct1", "SLURM_PARTITION": "part1"}
+    args = ["results/table.csv", "--configfile", "tests/config/tiny.yaml"]
+    for launch, prefix in [
+        ("torchrun", "torchrun --standalone --nproc_per_node 4 -m rere.cli rl "),
+        ("accelerate", "accelerate launch --num_processes 4 --main_process_port 0 -m rere.cli rl "),
+    ]:
+        override = f"launch={{launcher: {launch}, processes: {{rl: 4}}}}"
+        jobs = dry_run_jobs(workdir, "--profile", "workflow/profiles/slurm", *args, "--config", override, env=env)
+        calls = sbatch_calls(jobs)
+        for job in jobs:
+            assert command(job["shell"]).startswith(prefix if job["rule"] == "rl" else f"rere {job['rule']} ")
+        assert "--gpus=4" in calls["rl"] and "--gpus=1" in calls["sft"], calls
 
 
 def test_configs_validate():
@@ -247,3 +376,25 @@ def test_tiny_config_runs_end_to_end(tmp_path):
     benchmarks = sorted(p.relative_to(work / "benchmarks").as_posix() for p in (work / "benchmarks").rglob("*.tsv"))
     assert len(benchmarks) == 12  # data, index, model, sft, 2 rl, 3 evaluate, 2 baseline, report
     assert (work / "models/tiny/rere/trainer_log.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_rl_runs_as_two_processes_through_snakemake(tmp_path):
+    """launch.processes.rl: 2 for real: Snakemake starts `torchrun ... rere.cli rl` (gloo on
+    CPU) after data, index, model and sft; both processes trained (2 x batch_prompts rows
+    per step) and one model folder was published."""
+    work = copy_workflow(tmp_path)
+    proc = snakemake(
+        "--cores", "2", "models/tiny/rere", "--configfile", "tests/config/tiny.yaml",
+        "--config", "launch={processes: {rl: 2}}", cwd=work, timeout=900,
+    )  # fmt: skip
+    logs = "".join(f"\n--- {p}\n{p.read_text()[-3000:]}" for p in sorted((work / "logs").rglob("*.log")))
+    assert proc.returncode == 0, proc.stderr[-5000:] + logs
+    out = work / "models/tiny/rere"
+    assert json.loads((out / "rl_summary.json").read_text())["processes"] == 2
+    tiny = load_config([ROOT / "tests/config/tiny.yaml"])["rl"]
+    groups = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines() if line.strip()]
+    per_step = Counter(g["step"] for g in groups)
+    assert sorted(per_step) == list(range(tiny["max_steps"]))
+    assert set(per_step.values()) == {2 * tiny["batch_prompts"]}
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["processes"]["rl"] == 2

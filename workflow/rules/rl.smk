@@ -17,12 +17,13 @@ rule rl:
         "benchmarks/rl/{dataset}/{variant}.tsv"
     conda:
         "../envs/rere.yaml"
-    threads: 2
+    threads: max(2, config["launch"]["processes"]["rl"])
     resources:
         mem_mb=8000,
         runtime=480,
-        gpu=1,
+        gpu=config["launch"]["processes"]["rl"],  # one GPU per process
     params:
+        launch=launcher(config["launch"], "rl"),
         config=CONFIG_ARGS,
         index=subpath(input.index, parent=True),
         sasrec=lambda wildcards, input: (
@@ -30,8 +31,9 @@ rule rl:
         ),
         settings=lambda wildcards: [
             config["rl"],
+            config["launch"],
             config["rl"]["variants"][wildcards.variant],
         ],
     shell:
-        "rere rl {params.config} --variant {wildcards.variant} --data {input.data}"
+        "{params.launch} rl {params.config} --variant {wildcards.variant} --data {input.data}"
         " --index {params.index} --model {input.model} {params.sasrec} --out {output} > {log} 2>&1"
