@@ -61,7 +61,8 @@ def prompt_ids(tokenizer, rows: list[dict], index, style: str, seed: int) -> lis
     from rere import prompts
 
     codes = index.code_of
-    return tokenizer([prompts.row_prompt(r, codes, style, seed) for r in rows])["input_ids"]
+    eos = prompts.eos_text(tokenizer, style)
+    return tokenizer([prompts.row_prompt(r, codes, style, seed, eos) for r in rows])["input_ids"]
 
 
 def evaluate_model(

@@ -8,7 +8,7 @@ item's code, a newline, then the EOS token. Two prompt styles:
   INSTRUCTIONS, the history, and an Alpaca-style response header.
 - `compact`: `History: <codes>\\nNext:\\n`, short enough for the small scratch models.
 - `sequence`: the history items written exactly as completions, one after the other
-  (`code\\n` each), nothing else. A user's train sequence is then one text in which every
+  (`code\\n` and the EOS token each), nothing else. A user's train sequence is then one text in which every
   item follows its own history the way a completion follows a prompt, so SFT can put the
   loss on every item at once (`sft.targets: all`, as SASRec trains every position).
 
@@ -58,8 +58,15 @@ def row_rng(seed: int, row_key: str | int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def build_prompt(history_codes: Sequence[str], style: str, rng: random.Random) -> str:
-    """The prompt for a history of item codes (oldest first); it ends with a newline.
+def eos_text(tokenizer, style: str) -> str:
+    """What ends a history item in the prompt: the tokenizer's EOS token for the sequence style
+    (a history item is then exactly a completion, EOS included), nothing for the others."""
+    return (tokenizer.eos_token or "") if style == "sequence" else ""
+
+
+def build_prompt(history_codes: Sequence[str], style: str, rng: random.Random, eos: str = "") -> str:
+    """The prompt for a history of item codes (oldest first); it ends with a newline (sequence
+    style: with `eos`, the tokenizer's EOS token text, see `eos_text`).
 
     `rng` chooses the instruction variant (style `instruction`); `compact` ignores it.
 
@@ -67,7 +74,7 @@ def build_prompt(history_codes: Sequence[str], style: str, rng: random.Random) -
     'History: "A", "B"\\nNext:\\n'
     """
     if style == "sequence":
-        return "".join(completion_text(c) for c in history_codes)
+        return "".join(completion_text(c) + eos for c in history_codes)
     history = ", ".join(history_codes)
     if style == "compact":
         return COMPACT_TEMPLATE.format(history=history)
@@ -82,7 +89,7 @@ def row_key(row: dict) -> str:
     return f"{row['user_id']}:{row['item_id']}:{row['timestamp']}"
 
 
-def row_prompt(row: dict, code_of: dict[int, str], style: str, seed: int) -> str:
+def row_prompt(row: dict, code_of: dict[int, str], style: str, seed: int, eos: str = "") -> str:
     """The prompt for a split row (rere.io.read_split), the same in every stage.
 
     `code_of`: item_id -> code (`ItemIndex.code_of`).
@@ -94,7 +101,7 @@ def row_prompt(row: dict, code_of: dict[int, str], style: str, seed: int) -> str
             f"row at line {row.get('_line', '?')}: history item {exc.args[0]} is not in the index; "
             "rebuild the index from this data folder with `rere index`."
         ) from None
-    return build_prompt(history, style, row_rng(seed, row_key(row)))
+    return build_prompt(history, style, row_rng(seed, row_key(row)), eos)
 
 
 def completion_text(code: str) -> str:
@@ -102,7 +109,7 @@ def completion_text(code: str) -> str:
     return code + "\n"
 
 
-def probe_prompts(codes: Sequence[str], style: str, seed: int) -> list[str]:
+def probe_prompts(codes: Sequence[str], style: str, seed: int, eos: str = "") -> list[str]:
     """A few realistic prompts to tokenize completions after (see `item_token_ids`).
 
     Histories of 1, 3 and 10 items drawn from `codes`; for the instruction style one prompt
@@ -119,14 +126,14 @@ def probe_prompts(codes: Sequence[str], style: str, seed: int) -> list[str]:
         if style == "instruction":
             prompts.append(INSTRUCTION_TEMPLATE.format(instruction=INSTRUCTIONS[i], history=", ".join(history)))
         else:
-            prompts.append(build_prompt(history, style, rng))
+            prompts.append(build_prompt(history, style, rng, eos))
     return prompts
 
 
 def catalogue_token_ids(tokenizer, index, style: str, seed: int) -> list[list[int]]:
     """Every catalogue item's completion tokens (EOS included) in index order, as the model
     writes them after a prompt of this style: `item_token_ids` over `probe_prompts`."""
-    return item_token_ids(tokenizer, index.codes, probe_prompts(index.codes, style, seed))
+    return item_token_ids(tokenizer, index.codes, probe_prompts(index.codes, style, seed, eos_text(tokenizer, style)))
 
 
 def _tokenizer_name(tokenizer) -> str:

@@ -89,7 +89,8 @@ def recommend(
     if k < 1 or k > n_items - len(exclude):
         raise RereError(f"--k {k}: choose between 1 and {n_items - len(exclude)} (the catalogue has {n_items} items).")
     codes = index.code_of
-    text = prompts.build_prompt([codes[h] for h in history], style, prompts.row_rng(seed, "recommend"))
+    rng = prompts.row_rng(seed, "recommend")
+    text = prompts.build_prompt([codes[h] for h in history], style, rng, prompts.eos_text(tokenizer, style))
     ids = tokenizer([text])["input_ids"]
     trie, _ = catalogue_trie(model, tokenizer, index, style, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -92,11 +92,12 @@ def row_items(row: dict, targets: str) -> list[int]:
 
 
 def prompt_completion_rows(
-    rows: list[dict], index, style: str, seed: int, split: str, targets: str = "last"
+    rows: list[dict], index, style: str, seed: int, split: str, targets: str = "last", eos: str = ""
 ) -> list[dict]:
     """One {"prompt", "completion"} per row; the prompt is `rere.prompts.row_prompt`, the same
     in every stage. With targets "all" (prompt style sequence) the prompt is the history's
-    first item and the completion every later item, then the target. Items unknown to the
+    first item and the completion every later item, then the target (each but the target
+    followed by `eos`, the EOS token text; TRL appends the target's EOS). Items unknown to the
     index are a RereError naming the split file's line.
     """
     from rere import prompts
@@ -111,17 +112,22 @@ def prompt_completion_rows(
                 f"({len(codes)} items); rebuild the index from this dataset (`rere index`)."
             )
         if targets == "all":
-            prompt = prompts.build_prompt([codes[row["history_item_id"][0]]], style, prompts.row_rng(seed, "all"))
+            first = [codes[row["history_item_id"][0]]]
+            prompt = prompts.build_prompt(first, style, prompts.row_rng(seed, "all"), eos)
         else:
-            prompt = prompts.row_prompt(row, codes, style, seed)
-        completion = "".join(prompts.completion_text(codes[i]) for i in row_items(row, targets))
+            prompt = prompts.row_prompt(row, codes, style, seed, eos)
+        items = [prompts.completion_text(codes[i]) for i in row_items(row, targets)]
+        completion = eos.join(items)
         out.append({"prompt": prompt, "completion": completion})
     return out
 
 
-def check_training_labels(dataset, target_positions: list[list[int]], item_seqs: list[list[int]], split: str) -> None:
+def check_training_labels(
+    dataset, target_positions: list[list[int]], item_seqs: list[list[int]], split: str, eos_between: bool = False
+) -> None:
     """Every row's trained tokens (labels != -100) must equal its targets' trie sequences, one
-    after the other, with the EOS only after the last.
+    after the other (`eos_between`: each with its EOS, as the sequence style writes them;
+    otherwise the EOS only after the last).
 
     This is where a doubled or missing EOS, a prompt/completion boundary that merges tokens,
     or a truncated completion would show up; each would train the model on sequences that
@@ -129,7 +135,8 @@ def check_training_labels(dataset, target_positions: list[list[int]], item_seqs:
     """
     for i, (labels, positions) in enumerate(zip(dataset["labels"], target_positions, strict=True)):
         trained = [t for t in labels if t != -100]
-        expected = [t for p in positions[:-1] for t in item_seqs[p][:-1]] + item_seqs[positions[-1]]
+        cut = None if eos_between else -1
+        expected = [t for p in positions[:-1] for t in item_seqs[p][:cut]] + item_seqs[positions[-1]]
         if trained != expected:
             raise RereError(
                 f"{split} row {i}: SFT would train on token ids {trained} but the decoding trie has "
@@ -309,8 +316,9 @@ def run(args, config) -> int:
     valid_rows = select_rows(read_split(data / "valid.csv"), sft["max_eval_rows"], seed)
     if not train_rows or not valid_rows:
         raise RereError(f"{data}: the train or valid split is empty; nothing to fine-tune on.")
-    train_pc = prompt_completion_rows(train_rows, index, style, seed, "train", targets)
-    valid_pc = prompt_completion_rows(valid_rows, index, style, seed, "valid")
+    eos = prompts.eos_text(tokenizer, style)
+    train_pc = prompt_completion_rows(train_rows, index, style, seed, "train", targets, eos)
+    valid_pc = prompt_completion_rows(valid_rows, index, style, seed, "valid", eos=eos)
     new_ids = trainable_token_ids(tokenizer, index)
     item_seqs = prompts.catalogue_token_ids(tokenizer, index, style, seed)
     position = {item_id: p for p, item_id in enumerate(index.item_ids)}
@@ -375,7 +383,7 @@ def run(args, config) -> int:
             ],
         )
         train_targets = [[position[i] for i in row_items(r, targets)] for r in train_rows]
-        check_training_labels(trainer.train_dataset, train_targets, item_seqs, "train")
+        check_training_labels(trainer.train_dataset, train_targets, item_seqs, "train", eos_between=bool(eos))
         check_training_labels(trainer.eval_dataset, [[position[r["item_id"]]] for r in valid_rows], item_seqs, "valid")
         longest = max(len(x) for x in trainer.train_dataset["input_ids"])
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -345,16 +345,20 @@ def test_sequence_labels_are_the_items_trie_sequences(tmp_path):
     index = ItemIndex.load(paths["index"])
     model, tok, meta = load_model(paths["base"], index=index)
     rows = [r for r in read_split(paths["data"] / "train.csv") if len(r["history_item_id"]) >= 3][:4]
-    pc = prompt_completion_rows(rows, index, "sequence", 42, "train", targets="all")
-    assert pc[0]["prompt"] == index.code_of[rows[0]["history_item_id"][0]] + "\n"
+    eos = tok.eos_token
+    pc = prompt_completion_rows(rows, index, "sequence", 42, "train", targets="all", eos=eos)
+    assert pc[0]["prompt"] == index.code_of[rows[0]["history_item_id"][0]] + "\n" + eos
     assert pc[0]["completion"].count("\n") == len(rows[0]["history_item_id"])  # history[1:] + target
     args = SFTConfig(output_dir="unused", report_to="none", completion_only_loss=True, max_length=None, bf16=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pc), processing_class=tok)
     seqs = catalogue_token_ids(tok, index, "sequence", 42)
     position = {item: p for p, item in enumerate(index.item_ids)}
     targets = [[position[i] for i in row_items(r, "all")] for r in rows]
-    check_training_labels(trainer.train_dataset, targets, seqs, "train")
+    check_training_labels(trainer.train_dataset, targets, seqs, "train", eos_between=True)
     labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
-    assert labels.count(tok.eos_token_id) == 1 and labels[-1] == tok.eos_token_id
+    # every trained item is written as its completion, EOS included, as in the prompt's history
+    assert labels.count(tok.eos_token_id) == len(targets[0]) and labels[-1] == tok.eos_token_id
     with pytest.raises(RereError, match="train row 0"):
-        check_training_labels(trainer.train_dataset, [[t[-1]] for t in targets], seqs, "train")
+        check_training_labels(trainer.train_dataset, targets, seqs, "train")  # EOS only at the end: wrong
+    with pytest.raises(RereError, match="train row 0"):
+        check_training_labels(trainer.train_dataset, [[t[-1]] for t in targets], seqs, "train", eos_between=True)

@@ -29,6 +29,7 @@ class RLInputs:
 def load_inputs(args, config) -> RLInputs:
     import trl
 
+    from rere import prompts
     from rere.decoding import catalogue_trie
     from rere.index import ItemIndex
     from rere.metrics import select_rows
@@ -71,7 +72,7 @@ def load_inputs(args, config) -> RLInputs:
         model=model,
         tokenizer=tokenizer,
         meta=meta,
-        train=training_rows(rows, index, style, seed),
+        train=training_rows(rows, index, style, seed, prompts.eos_text(tokenizer, style)),
         item_seqs=item_seqs,
         trie=trie,
         funcs=reward_funcs(s.reward, **resources),
@@ -79,7 +80,7 @@ def load_inputs(args, config) -> RLInputs:
     )
 
 
-def training_rows(rows: list[dict], index, style: str, seed: int) -> list[dict]:
+def training_rows(rows: list[dict], index, style: str, seed: int, eos: str = "") -> list[dict]:
     """One TRL dataset row per train row: prompt text, target item id, history, row number."""
     from rere import prompts
 
@@ -93,7 +94,7 @@ def training_rows(rows: list[dict], index, style: str, seed: int) -> list[dict]:
             )
         out.append(
             {
-                "prompt": prompts.row_prompt(row, code_of, style, seed),
+                "prompt": prompts.row_prompt(row, code_of, style, seed, eos),
                 "target": int(row["item_id"]),
                 "history": [int(x) for x in row["history_item_id"]],
                 "row": i,
