@@ -6,8 +6,10 @@ rule report:
             method=LLM_METHODS + BASELINES,
         ),
         rl_runs=expand("models/{dataset}/{variant}", dataset=DATASETS, variant=VARIANTS),
+        data=expand("data/{dataset}", dataset=DATASETS),
     output:
         table="results/table.csv",
+        comparisons="results/comparisons.csv",
         markdown="results/report.md",
         html="results/report.html",
         figures=directory("results/figures"),
@@ -24,5 +26,5 @@ rule report:
     params:
         config=CONFIG_ARGS,
     shell:
-        "rere report {params.config} --results results --models models"
+        "rere report {params.config} --results results --models models --data data"
         " --benchmarks benchmarks --out results > {log} 2>&1"
