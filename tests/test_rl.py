@@ -139,6 +139,23 @@ def test_settings_refuse_bad_combinations():
         rl.RLSettings.from_config(load_config([TINY], ["rl.beta=0"]), "rere")
     with pytest.raises(RereError, match="variant 'nope'"):
         rl.RLSettings.from_config(config, "nope")
+    with pytest.raises(RereError, match="micro_batch_prompts.*does not divide rl.batch_prompts=2"):
+        rl.RLSettings.from_config(load_config([TINY], ["rl.micro_batch_prompts=3"]), "rere")
+
+
+def test_micro_batches_cut_one_rollout_into_accumulation_steps(tmp_path):
+    """batch_prompts x G completions per optimizer step whatever the micro-batch: one
+    generation batch per step (on-policy), cut into batch_prompts / micro_batch_prompts passes."""
+    sets = ["rl.batch_prompts=6", "rl.micro_batch_prompts=2", "rl.gradient_checkpointing=true"]
+    s = rl.RLSettings.from_config(load_config([TINY], sets), "rere")
+    a = rl.grpo_args(s, tmp_path, seed=3, max_completion_length=9, trust_remote_code=False)
+    assert (a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation) == (2 * 4, 3, 3)
+    assert a.generation_batch_size == 6 * 4 and a.num_iterations == 1
+    assert a.gradient_accumulation_steps % (a.steps_per_generation * a.num_iterations) == 0  # old log-probs = current
+    assert a.activation_checkpointing is True
+    whole = rl.grpo_args(rl.RLSettings.from_config(load_config([TINY], sets[:1]), "rere"), tmp_path, 3, 9, False)
+    assert (whole.per_device_train_batch_size, whole.gradient_accumulation_steps) == (6 * 4, 1)
+    assert whole.generation_batch_size == a.generation_batch_size and whole.activation_checkpointing is False
 
 
 @pytest.mark.parametrize(
@@ -287,6 +304,54 @@ def test_one_training_step_changes_the_policy_and_logs(tiny):
         sum(rec["target"] in rec["items"] for rec in groups) / len(groups)
     )
     check_groups(groups, g=8)
+
+
+def one_step(root: Path, tmp_path: Path, *sets: str):
+    """Weights after one optimizer step (plain SGD) and the gradient it was given."""
+    from transformers import TrainerCallback, set_seed
+
+    grads = {}
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    set_seed(0)
+    _, trainer = make_trainer(root, tmp_path, "rl.batch_prompts=4", *sets)
+    trainer.args.optim = "sgd"
+    trainer.add_callback(Grads())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert max((after[n] - before[n]).abs().max().item() for n in after) > 1e-4, "the step changed nothing"
+    return after, grads
+
+
+@pytest.mark.parametrize(
+    ("variant", "knobs"),
+    [
+        ("{sampling: beam, reward: ranking, loss: grpo}", ["micro_batch_prompts=1", "gradient_checkpointing=true",
+                                                           "decode_batch_prompts=1"]),
+        ("{sampling: beam, reward: ranking, loss: dapo}", ["micro_batch_prompts=2"]),
+        ("{sampling: beam, reward: ranking, loss: gspo}", ["micro_batch_prompts=1"]),
+        ("{sampling: sample, reward: rule, loss: grpo}", ["micro_batch_prompts=1", "gradient_checkpointing=true"]),
+    ],
+)  # fmt: skip
+def test_micro_batches_give_the_same_step(tiny, tmp_path, variant, knobs):
+    """One step of 4 prompts x G = 8 in micro-batches (gradient accumulation, checkpointing,
+    chunked decoding) equals one step in one pass: grpo's per-micro-batch means are divided
+    by the number of micro-batches, dapo's token sums by the rollout's token count, so the
+    accumulated gradient is the full batch's up to float32 rounding. Compared through SGD:
+    AdamW's first step, g / (|g| + eps), turns rounding-level differences at |g| ~ eps into
+    differences of up to lr / eps, whatever the batching."""
+    import torch
+
+    one = one_step(tiny, tmp_path / "one", f"rl.variants.rere={variant}")
+    split = one_step(tiny, tmp_path / "split", f"rl.variants.rere={variant}", *(f"rl.{k}" for k in knobs))
+    for name in one[1]:
+        torch.testing.assert_close(split[1][name], one[1][name], rtol=1e-5, atol=1e-8, msg=name)
+    for name in one[0]:
+        torch.testing.assert_close(split[0][name], one[0][name], rtol=0, atol=1e-6, msg=name)
 
 
 def free_port() -> int:

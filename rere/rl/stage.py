@@ -101,6 +101,7 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
         trie=inp.trie,
         item_seqs=inp.item_seqs,
         sampling=s.sampling,
+        decode_batch_prompts=s.decode_batch_prompts,
         rollout_log=rollout_log,
     )
 

@@ -31,11 +31,22 @@ from rere.rl.rollout import distinct_first, group_stats, sample_ranks
 class ReReTrainer(GRPOTrainer):
     """GRPOTrainer whose rollout is ReRe's (constrained beams or sampling over the catalogue)."""
 
-    def __init__(self, *args, index, trie, item_seqs, sampling: str, rollout_log: Path | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        index,
+        trie,
+        item_seqs,
+        sampling: str,
+        decode_batch_prompts: int | None = None,
+        rollout_log: Path | None = None,
+        **kwargs,
+    ):
         self.rere_index = index
         self.rere_trie = trie
         self.rere_item_seqs = item_seqs  # item position -> completion token ids (EOS included)
         self.rere_sampling = sampling
+        self.rere_decode_batch = decode_batch_prompts  # prompts per decoding chunk; None: all at once
         self.rere_rollout_log = rollout_log
         self._rere_inputs: list[dict] | None = None
         self._rere_groups: list[dict] = []
@@ -59,6 +70,7 @@ class ReReTrainer(GRPOTrainer):
         if not prompt_ids:
             return []
         pad = self.processing_class.pad_token_id
+        chunk = self.rere_decode_batch or len(prompt_ids)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
@@ -69,12 +81,12 @@ class ReReTrainer(GRPOTrainer):
             model.eval()
             try:
                 if self.rere_sampling == "beam":
-                    return beam_search(model, prompt_ids, self.rere_trie, g, pad, len(prompt_ids))
+                    return beam_search(model, prompt_ids, self.rere_trie, g, pad, chunk)
                 # The draws depend on the seed, the step and the group, not on the process layout.
                 generator = torch.Generator(device=model.device)
                 generator.manual_seed(self.args.seed * 1_000_003 + self.state.global_step * 7919 + first_group)
                 n = g if self.rere_sampling == "sample" else math.ceil(1.5 * g)
-                drawn = sample(model, prompt_ids, self.rere_trie, n, self.temperature, generator, pad)
+                drawn = sample(model, prompt_ids, self.rere_trie, n, self.temperature, generator, pad, chunk)
                 return drawn if self.rere_sampling == "sample" else [distinct_first(d, g) for d in drawn]
             finally:
                 model.train(was_training)
