@@ -189,6 +189,17 @@ def test_trl_private_api_is_the_one_we_override():
     assert "= self._generate(prompts)" in score
     assert "inp[key] = values[i]" in score  # rollout columns become reward-function columns
     assert "view(-1, num_generations)" in score  # groups are consecutive in the global batch
+    # ReReTrainer's sampler copies TRL's arguments; its checkpoints add the reference model.
+    sampler = inspect.getsource(GRPOTrainer._get_train_sampler)
+    assert (
+        "RepeatSampler(" in sampler and "batch_size=self.args.generation_batch_size // self.num_generations" in sampler
+    )
+    assert "repeat_count=self.num_iterations * self.args.steps_per_generation" in sampler
+    assert list(inspect.signature(GRPOTrainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(GRPOTrainer._load_from_checkpoint).parameters)[:2] == [
+        "self",
+        "resume_from_checkpoint",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
