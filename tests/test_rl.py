@@ -365,6 +365,33 @@ def test_micro_batches_give_the_same_step(tiny, tmp_path, variant, knobs):
         torch.testing.assert_close(split[0][name], one[0][name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_float32_training_of_a_bf16_start_model(tiny, tmp_path):
+    """rl.train_dtype float32: a bf16 start model trains with float32 weights (and reference),
+    and the policy is saved in bf16 again, as the start model was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rere.model import load_model, save_model
+
+    model, tokenizer, meta = load_model(tiny / "models/tiny/base")
+    start = tmp_path / "bf16"
+    save_model(model.to(torch.bfloat16), tokenizer, start, meta, load_config([TINY]))
+    config = load_config([TINY], [*RL_SETS, "rl.train_dtype=float32"])
+    args = SimpleNamespace(
+        variant="rere", data=str(tiny / "data/tiny"), index=str(tiny / "index/tiny"), model=str(start), sasrec=None
+    )
+    inp = rl.load_inputs(args, config)
+    assert inp.model.dtype == torch.float32 and inp.save_dtype == torch.bfloat16
+    assert rl.build_trainer(inp, config, tmp_path / "ckpt").ref_model.dtype == torch.float32
+
+    out = tmp_path / "rl"
+    assert (
+        main([*rl_args(tiny, "rere", "unused", "rl.train_dtype=float32"), "--model", str(start), "--out", str(out)])
+        == 0
+    )
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,6 +37,7 @@ class RLSettings:
     micro_batch_prompts: int | None
     decode_batch_prompts: int | None
     gradient_checkpointing: bool
+    train_dtype: str
     temperature: float
     sync_ref_model: bool
     ref_model_sync_steps: int
@@ -51,6 +52,8 @@ class RLSettings:
     def __post_init__(self):
         if self.sampling not in ("beam", "sample", "dynamic"):
             raise RereError(f"rl variant '{self.variant}': sampling {self.sampling!r} is not beam, sample or dynamic.")
+        if self.train_dtype not in ("model", "float32"):
+            raise RereError(f"key 'rl.train_dtype' is {self.train_dtype!r}; use model or float32.")
         if self.loss not in LOSSES:
             raise RereError(f"rl variant '{self.variant}': loss {self.loss!r} is not one of {', '.join(LOSSES)}.")
         if self.num_generations < 2:

@@ -214,6 +214,7 @@ def run(args, config) -> int:
         if main_process:
             policy = trainer.accelerator.unwrap_model(trainer.model)
             policy.eval()
+            policy.to(inp.save_dtype)  # the start model's dtype, whatever rl.train_dtype
             rl_meta = {**inp.meta, "stage": "rl", "variant": args.variant, "base": str(start)}
             with atomic_path(out) as tmp:
                 save_model(policy, inp.tokenizer, tmp, rl_meta, config)
