@@ -202,6 +202,33 @@ def test_trl_private_api_is_the_one_we_override():
     ]
 
 
+def test_amazon_rl_is_sized_for_one_80gb_gpu():
+    """config/amazon.yaml's memory arithmetic (its comments), redone from its rl keys and
+    Qwen2.5-1.5B's shapes: a change of micro-batch, chunk or dtype that breaks it fails here.
+    Estimates, like the comments: T = 350 tokens per sequence, 26 completion logits."""
+    config = load_config([ROOT / "config/amazon.yaml"])
+    s = rl.RLSettings.from_config(config, "rere")
+    n_params, hidden, mlp, layers, kv_dim, vocab, t = 1.54e9, 1536, 8960, 28, 2 * 128, 151_936, 350
+    weight = {"float32": 4, "model": 2}[s.train_dtype]  # bytes per parameter (the start model is bf16)
+    fixed = n_params * weight * 5 + (
+        2 * n_params if s.bf16 and weight == 4 else 0
+    )  # w, grad, Adam m+v, ref; bf16 casts
+    per_token_layer = 20 * hidden + 8 * mlp  # saved activations without checkpointing (bf16, fp32 norm inputs)
+    logits = 26 * vocab * 10
+    if s.gradient_checkpointing:
+        per_seq = 4 * hidden * layers * t + per_token_layer * t + logits
+    else:
+        per_seq = per_token_layer * layers * t + logits
+    train_peak = fixed + s.prompts_per_micro_batch * s.num_generations * per_seq
+    rows = (s.decode_batch_prompts or s.batch_prompts) * s.num_generations
+    decode_peak = fixed + rows * t * 2 * layers * kv_dim * 4 + 3 * rows * vocab * 4 + 1e9
+    assert s.train_dtype == "float32" and s.bf16 and s.save_steps > 0
+    assert (s.batch_prompts * s.num_generations, s.accumulation_steps) == (512, 8)  # one rollout, 8 passes
+    assert fixed / 1e9 == pytest.approx(30.8 + 3.1, abs=0.1)
+    assert train_peak / 1e9 == pytest.approx(43, abs=1) and decode_peak / 1e9 == pytest.approx(41, abs=1)
+    assert max(train_peak, decode_peak) < 0.6 * 80e9  # room for what the estimate leaves out
+
+
 # ---------------------------------------------------------------------------------------------
 # Rollouts
 
