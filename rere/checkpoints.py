@@ -76,15 +76,24 @@ def write_signature(path: Path, signature: dict) -> None:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step: those steps are trained (and logged) again."""
+    """Drop log lines past the resumed step: those steps are trained (and logged) again. A line
+    cut short by the interruption (not JSON) goes too."""
     if not path.is_file():
         return
     keep = [
         line
         for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
+        if (record := _json_or_none(line)) is not None and record.get("step", 0) <= step
     ]
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def drop_incomplete(ckpt_dir: Path) -> None:
@@ -108,8 +117,9 @@ def mismatch(old: dict, new: dict) -> list[str]:
     return keys
 
 
-def check_or_clear(work: Path, signature_file: str, signature: dict, refuse: bool) -> None:
-    """A work folder made from other inputs or settings is removed (`refuse=False`) or refused."""
+def check_or_clear(work: Path, signature_file: str, signature: dict, refuse: bool, clear: bool = True) -> None:
+    """A work folder made from other inputs or settings is removed (`refuse=False`, or no complete
+    checkpoint in it) or refused. With several processes, all check but one clears (`clear`)."""
     if not work.exists():
         return
     old = read_signature(work / signature_file)
@@ -122,8 +132,9 @@ def check_or_clear(work: Path, signature_file: str, signature: dict, refuse: boo
             f"train a model that this config does not describe. Delete {work} to start over, or rerun with "
             "the settings that made it."
         )
-    log.warning("%s was made from other inputs or settings; starting over", work)
-    shutil.rmtree(work)
+    if clear:
+        log.warning("%s was made from other inputs or settings; starting over", work)
+        shutil.rmtree(work)
 
 
 def jsonl_log_callback(path: Path):

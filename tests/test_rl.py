@@ -139,6 +139,23 @@ def test_settings_refuse_bad_combinations():
         rl.RLSettings.from_config(load_config([TINY], ["rl.beta=0"]), "rere")
     with pytest.raises(RereError, match="variant 'nope'"):
         rl.RLSettings.from_config(config, "nope")
+    with pytest.raises(RereError, match="micro_batch_prompts.*does not divide rl.batch_prompts=2"):
+        rl.RLSettings.from_config(load_config([TINY], ["rl.micro_batch_prompts=3"]), "rere")
+
+
+def test_micro_batches_cut_one_rollout_into_accumulation_steps(tmp_path):
+    """batch_prompts x G completions per optimizer step whatever the micro-batch: one
+    generation batch per step (on-policy), cut into batch_prompts / micro_batch_prompts passes."""
+    sets = ["rl.batch_prompts=6", "rl.micro_batch_prompts=2", "rl.gradient_checkpointing=true"]
+    s = rl.RLSettings.from_config(load_config([TINY], sets), "rere")
+    a = rl.grpo_args(s, tmp_path, seed=3, max_completion_length=9, trust_remote_code=False)
+    assert (a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation) == (2 * 4, 3, 3)
+    assert a.generation_batch_size == 6 * 4 and a.num_iterations == 1
+    assert a.gradient_accumulation_steps % (a.steps_per_generation * a.num_iterations) == 0  # old log-probs = current
+    assert a.activation_checkpointing is True
+    whole = rl.grpo_args(rl.RLSettings.from_config(load_config([TINY], sets[:1]), "rere"), tmp_path, 3, 9, False)
+    assert (whole.per_device_train_batch_size, whole.gradient_accumulation_steps) == (6 * 4, 1)
+    assert whole.generation_batch_size == a.generation_batch_size and whole.activation_checkpointing is False
 
 
 @pytest.mark.parametrize(
@@ -172,6 +189,44 @@ def test_trl_private_api_is_the_one_we_override():
     assert "= self._generate(prompts)" in score
     assert "inp[key] = values[i]" in score  # rollout columns become reward-function columns
     assert "view(-1, num_generations)" in score  # groups are consecutive in the global batch
+    # ReReTrainer's sampler copies TRL's arguments; its checkpoints add the reference model.
+    sampler = inspect.getsource(GRPOTrainer._get_train_sampler)
+    assert (
+        "RepeatSampler(" in sampler and "batch_size=self.args.generation_batch_size // self.num_generations" in sampler
+    )
+    assert "repeat_count=self.num_iterations * self.args.steps_per_generation" in sampler
+    assert list(inspect.signature(GRPOTrainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(GRPOTrainer._load_from_checkpoint).parameters)[:2] == [
+        "self",
+        "resume_from_checkpoint",
+    ]
+
+
+def test_amazon_rl_is_sized_for_one_80gb_gpu():
+    """config/amazon.yaml's memory arithmetic (its comments), redone from its rl keys and
+    Qwen2.5-1.5B's shapes: a change of micro-batch, chunk or dtype that breaks it fails here.
+    Estimates, like the comments: T = 350 tokens per sequence, 26 completion logits."""
+    config = load_config([ROOT / "config/amazon.yaml"])
+    s = rl.RLSettings.from_config(config, "rere")
+    n_params, hidden, mlp, layers, kv_dim, vocab, t = 1.54e9, 1536, 8960, 28, 2 * 128, 151_936, 350
+    weight = {"float32": 4, "model": 2}[s.train_dtype]  # bytes per parameter (the start model is bf16)
+    fixed = n_params * weight * 5 + (
+        2 * n_params if s.bf16 and weight == 4 else 0
+    )  # w, grad, Adam m+v, ref; bf16 casts
+    per_token_layer = 20 * hidden + 8 * mlp  # saved activations without checkpointing (bf16, fp32 norm inputs)
+    logits = 26 * vocab * 10
+    if s.gradient_checkpointing:
+        per_seq = 4 * hidden * layers * t + per_token_layer * t + logits
+    else:
+        per_seq = per_token_layer * layers * t + logits
+    train_peak = fixed + s.prompts_per_micro_batch * s.num_generations * per_seq
+    rows = (s.decode_batch_prompts or s.batch_prompts) * s.num_generations
+    decode_peak = fixed + rows * t * 2 * layers * kv_dim * 4 + 3 * rows * vocab * 4 + 1e9
+    assert s.train_dtype == "float32" and s.bf16 and s.save_steps > 0
+    assert (s.batch_prompts * s.num_generations, s.accumulation_steps) == (512, 8)  # one rollout, 8 passes
+    assert fixed / 1e9 == pytest.approx(30.8 + 3.1, abs=0.1)
+    assert train_peak / 1e9 == pytest.approx(43, abs=1) and decode_peak / 1e9 == pytest.approx(41, abs=1)
+    assert max(train_peak, decode_peak) < 0.6 * 80e9  # room for what the estimate leaves out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +342,81 @@ def test_one_training_step_changes_the_policy_and_logs(tiny):
         sum(rec["target"] in rec["items"] for rec in groups) / len(groups)
     )
     check_groups(groups, g=8)
+
+
+def one_step(root: Path, tmp_path: Path, *sets: str):
+    """Weights after one optimizer step (plain SGD) and the gradient it was given."""
+    from transformers import TrainerCallback, set_seed
+
+    grads = {}
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    set_seed(0)
+    _, trainer = make_trainer(root, tmp_path, "rl.batch_prompts=4", *sets)
+    trainer.args.optim = "sgd"
+    trainer.add_callback(Grads())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert max((after[n] - before[n]).abs().max().item() for n in after) > 1e-4, "the step changed nothing"
+    return after, grads
+
+
+@pytest.mark.parametrize(
+    ("variant", "knobs"),
+    [
+        ("{sampling: beam, reward: ranking, loss: grpo}", ["micro_batch_prompts=1", "gradient_checkpointing=true",
+                                                           "decode_batch_prompts=1"]),
+        ("{sampling: beam, reward: ranking, loss: dapo}", ["micro_batch_prompts=2"]),
+        ("{sampling: beam, reward: ranking, loss: gspo}", ["micro_batch_prompts=1"]),
+        ("{sampling: sample, reward: rule, loss: grpo}", ["micro_batch_prompts=1", "gradient_checkpointing=true"]),
+    ],
+)  # fmt: skip
+def test_micro_batches_give_the_same_step(tiny, tmp_path, variant, knobs):
+    """One step of 4 prompts x G = 8 in micro-batches (gradient accumulation, checkpointing,
+    chunked decoding) equals one step in one pass: grpo's per-micro-batch means are divided
+    by the number of micro-batches, dapo's token sums by the rollout's token count, so the
+    accumulated gradient is the full batch's up to float32 rounding. Compared through SGD:
+    AdamW's first step, g / (|g| + eps), turns rounding-level differences at |g| ~ eps into
+    differences of up to lr / eps, whatever the batching."""
+    import torch
+
+    one = one_step(tiny, tmp_path / "one", f"rl.variants.rere={variant}")
+    split = one_step(tiny, tmp_path / "split", f"rl.variants.rere={variant}", *(f"rl.{k}" for k in knobs))
+    for name in one[1]:
+        torch.testing.assert_close(split[1][name], one[1][name], rtol=1e-5, atol=1e-8, msg=name)
+    for name in one[0]:
+        torch.testing.assert_close(split[0][name], one[0][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_float32_training_of_a_bf16_start_model(tiny, tmp_path):
+    """rl.train_dtype float32: a bf16 start model trains with float32 weights (and reference),
+    and the policy is saved in bf16 again, as the start model was."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rere.model import load_model, save_model
+
+    model, tokenizer, meta = load_model(tiny / "models/tiny/base")
+    start = tmp_path / "bf16"
+    save_model(model.to(torch.bfloat16), tokenizer, start, meta, load_config([TINY]))
+    config = load_config([TINY], [*RL_SETS, "rl.train_dtype=float32"])
+    args = SimpleNamespace(
+        variant="rere", data=str(tiny / "data/tiny"), index=str(tiny / "index/tiny"), model=str(start), sasrec=None
+    )
+    inp = rl.load_inputs(args, config)
+    assert inp.model.dtype == torch.float32 and inp.save_dtype == torch.bfloat16
+    assert rl.build_trainer(inp, config, tmp_path / "ckpt").ref_model.dtype == torch.float32
+
+    out = tmp_path / "rl"
+    assert (
+        main([*rl_args(tiny, "rere", "unused", "rl.train_dtype=float32"), "--model", str(start), "--out", str(out)])
+        == 0
+    )
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ class RLInputs:
     trie: object  # rere.decoding.ItemTrie
     funcs: list
     valid_rows: list[dict] | None
+    save_dtype: object  # torch dtype the policy is saved in: the start model's
 
 
 def load_inputs(args, config) -> RLInputs:
@@ -47,6 +48,11 @@ def load_inputs(args, config) -> RLInputs:
     index = ItemIndex.load(args.index)
     index.check_catalogue(data)
     model, tokenizer, meta = load_model(start, index=index, for_training=True)
+    save_dtype = model.dtype
+    if s.train_dtype == "float32":
+        # float32 weights, gradients and AdamW states (bf16 compute with rl.bf16): in bf16, a step
+        # smaller than ~0.3 % of a weight rounds away, and lr 1e-5 steps mostly are.
+        model.float()
     if s.sampling in ("beam", "dynamic") and s.num_generations > len(index.items):
         raise RereError(
             f"rl.num_generations={s.num_generations} distinct items per prompt, but the catalogue has only "
@@ -77,6 +83,7 @@ def load_inputs(args, config) -> RLInputs:
         trie=trie,
         funcs=reward_funcs(s.reward, **resources),
         valid_rows=valid_rows,
+        save_dtype=save_dtype,
     )
 
 

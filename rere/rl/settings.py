@@ -36,6 +36,10 @@ class RLSettings:
     batch_prompts: int
     filter_groups: bool
     filter_max_prompts: int
+    micro_batch_prompts: int | None
+    decode_batch_prompts: int | None
+    gradient_checkpointing: bool
+    train_dtype: str
     temperature: float
     sync_ref_model: bool
     ref_model_sync_steps: int
@@ -50,12 +54,20 @@ class RLSettings:
     def __post_init__(self):
         if self.sampling not in ("beam", "sample", "dynamic"):
             raise RereError(f"rl variant '{self.variant}': sampling {self.sampling!r} is not beam, sample or dynamic.")
+        if self.train_dtype not in ("model", "float32"):
+            raise RereError(f"key 'rl.train_dtype' is {self.train_dtype!r}; use model or float32.")
         if self.loss not in LOSSES:
             raise RereError(f"rl variant '{self.variant}': loss {self.loss!r} is not one of {', '.join(LOSSES)}.")
         if self.num_generations < 2:
             raise RereError(
                 f"key 'rl.num_generations' is {self.num_generations}: GRPO needs at least 2 completions per prompt "
                 "to compare them (a group of one has no advantage). Set it to 2 or more."
+            )
+        if self.batch_prompts % self.prompts_per_micro_batch:
+            raise RereError(
+                f"key 'rl.micro_batch_prompts' is {self.micro_batch_prompts}, which does not divide rl.batch_prompts="
+                f"{self.batch_prompts}: every micro-batch must hold the same number of whole groups. Set it to a "
+                f"divisor of {self.batch_prompts}, or null for no gradient accumulation."
             )
         if self.sync_ref_model and self.beta == 0:
             raise RereError(
@@ -69,6 +81,15 @@ class RLSettings:
 
         rl = {k: v for k, v in config["rl"].items() if k != "variants"}
         return cls(variant=variant, **variant_config(config, variant), **rl)
+
+    @property
+    def prompts_per_micro_batch(self) -> int:
+        return self.micro_batch_prompts or self.batch_prompts
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches (forward/backward passes) per optimizer step."""
+        return self.batch_prompts // self.prompts_per_micro_batch
 
     @property
     def decode_temperature(self) -> float:
@@ -88,9 +109,16 @@ def grpo_args(s: RLSettings, output_dir: str | Path, seed: int, max_completion_l
         seed=seed,
         data_seed=seed,
         num_generations=s.num_generations,
-        per_device_train_batch_size=s.batch_prompts * s.num_generations,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,  # one rollout per optimizer step: on-policy, old log-probs = current ones
+        # Memory knobs that leave the update unchanged: one rollout of batch_prompts x G completions
+        # (TRL's generation batch = per-device batch x steps_per_generation) is cut into
+        # `accumulation_steps` micro-batches whose gradients add up to one optimizer step. With
+        # steps_per_generation == gradient_accumulation_steps every rollout is used once, by the
+        # policy that made it (TRL then takes old log-probs = current ones, as with one batch), and
+        # TRL scales the loss so the sum over micro-batches is the full batch's loss: grpo divides each
+        # micro-batch's mean by the number of micro-batches, dapo divides by the rollout's token count.
+        per_device_train_batch_size=s.prompts_per_micro_batch * s.num_generations,
+        gradient_accumulation_steps=s.accumulation_steps,
+        steps_per_generation=s.accumulation_steps,
         num_iterations=1,
         learning_rate=s.learning_rate,
         beta=s.beta,
@@ -112,10 +140,11 @@ def grpo_args(s: RLSettings, output_dir: str | Path, seed: int, max_completion_l
         fp16=False,
         shuffle_dataset=True,
         remove_unused_columns=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=s.gradient_checkpointing,  # recompute layer activations in backward
         logging_steps=1,
         save_strategy="steps" if s.save_steps > 0 else "no",
         save_steps=s.save_steps if s.save_steps > 0 else 500,
+        save_total_limit=2,  # the newest, and the one before in case the newest was cut short
         report_to="none",
         dataloader_num_workers=0,
         log_completions=False,

@@ -32,15 +32,23 @@ Pinned to trl 1.16.0: the rollout goes through GRPOTrainer's `rollout_func` hook
 `_generate_and_score_completions(inputs)` is wrapped to hand the batch's rows to the rollout
 and to log it; tests/test_rl.py fails loudly if either changes.
 
+A killed job resumes (rl.save_steps): training runs in OUT.partial/ (rere.checkpoints), with
+checkpoints of the policy, optimizer, scheduler, RNG states and the reference model, and
+rl_inputs.json, the signature of what the checkpoints depend on (`inputs_signature`). A
+rerun resumes the newest complete checkpoint when the signature is the same, and refuses
+one of other inputs or settings, naming the keys that differ; the logs are cut back to the
+checkpoint's step. The resumed run then trains exactly as an uninterrupted one would.
+
 Outputs in `--out`: the policy (HF folder, rere.json stage "rl" with the variant),
 trainer_log.jsonl (every log dict: reward per function, KL, loss, rollout statistics,
 periodic validation HR/NDCG), rollouts.jsonl (every group: row, target, items, ranks,
-advantages), config.yaml. `bench_rl` (`rere bench rl`) times beam rollouts against TRL's
-default sampling.
+advantages), rl_inputs.json, config.yaml. `bench_rl` (`rere bench rl`) times beam rollouts
+against TRL's default sampling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -51,9 +59,16 @@ from rere.checkpoints import (
     CHECKPOINTS,
     TRAINER_LOG,
     append_jsonl,
+    check_or_clear,
+    drop_incomplete,
+    file_digest,
+    folder_digest,
     jsonl_log_callback,
     last_complete_checkpoint,
     partial_dir,
+    step_of,
+    truncate_log,
+    write_signature,
 )
 from rere.cli import add_stage_paths
 from rere.io import atomic_path
@@ -63,6 +78,12 @@ from rere.rl.settings import grpo_args
 log = logging.getLogger(__name__)
 
 ROLLOUT_LOG = "rollouts.jsonl"
+INPUTS = "rl_inputs.json"  # inputs_signature of the run that made the checkpoints in OUT.partial
+
+# rl settings that may change between a run and its resumption: they change when or how the
+# work is done (validation, checkpoints, memory), not the trained weights (micro-batches: up to
+# float rounding), so a job that ran out of memory can resume with smaller micro-batches.
+RESUMABLE_KEYS = ("eval_every", "eval_rows", "save_steps", "micro_batch_prompts", "gradient_checkpointing")
 
 
 def add_arguments(parser) -> None:
@@ -101,9 +122,57 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
         trie=inp.trie,
         item_seqs=inp.item_seqs,
         sampling=s.sampling,
+        decode_batch_prompts=s.decode_batch_prompts,
         rollout_log=rollout_log,
         filter_prompts=s.filter_max_prompts if s.filter_groups else 0,
     )
+
+
+def inputs_signature(inp: RLInputs, args, config: dict, processes: int) -> dict:
+    """What an RL checkpoint depends on; a checkpoint of another signature is never resumed: the
+    start model, index, train split, reward resources, seed, the variant, every rl setting that
+    changes the weights, and the number of processes (the batch and RNG states are per process)."""
+    rl = {k: v for k, v in dataclasses.asdict(inp.settings).items() if k not in RESUMABLE_KEYS}
+    signature = {
+        "index": inp.index.fingerprint,
+        "start": folder_digest(Path(args.model)),
+        "train": file_digest(Path(args.data) / "train.csv"),
+        "seed": config["seed"],
+        "variant": rl.pop("variant"),
+        "rl": rl,
+        "processes": processes,
+    }
+    if inp.settings.reward == "semantic":  # item text embeddings (rere.rl.inputs.item_vectors)
+        signature["reward_inputs"] = {
+            "items": file_digest(Path(args.data) / "items.jsonl"),
+            "embedder": config["index"]["sid"],
+        }
+    if inp.settings.reward == "collaborative":
+        signature["reward_inputs"] = {"sasrec": folder_digest(Path(args.sasrec))}
+    return signature
+
+
+def prepare_work_dir(out: Path, signature: dict, accelerator) -> tuple[Path, Path | None]:
+    """OUT.partial and the checkpoint to resume from (None: start over). Checkpoints of other
+    inputs or settings are refused, not resumed: RL runs for hours, and `rere.json` would
+    describe a run that did not make the weights. Every process checks; the main one clears."""
+    work = partial_dir(out)
+    check_or_clear(work, INPUTS, signature, refuse=True, clear=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        write_signature(work / INPUTS, signature)
+        drop_incomplete(work / CHECKPOINTS)
+        resume = last_complete_checkpoint(work / CHECKPOINTS)
+        if resume is None:
+            for name in (TRAINER_LOG, ROLLOUT_LOG):
+                (work / name).unlink(missing_ok=True)
+        else:
+            # trainer_log.jsonl holds step N's log when checkpoint-N is written; rollouts.jsonl's
+            # step is the one the rollout starts from, so checkpoint-N has those of steps < N.
+            truncate_log(work / TRAINER_LOG, step_of(resume))
+            truncate_log(work / ROLLOUT_LOG, step_of(resume) - 1)
+    accelerator.wait_for_everyone()
+    return work, last_complete_checkpoint(work / CHECKPOINTS)
 
 
 def run(args, config) -> int:
@@ -115,16 +184,13 @@ def run(args, config) -> int:
     inp = load_inputs(args, config)
     data, out, start = Path(args.data), Path(args.out), Path(args.model)
     work = partial_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
-    resume = last_complete_checkpoint(work / CHECKPOINTS)
     set_seed(config["seed"])
     trainer = build_trainer(inp, config, work / CHECKPOINTS, rollout_log=work / ROLLOUT_LOG)
     main_process = trainer.accelerator.is_main_process
+    signature = inputs_signature(inp, args, config, trainer.accelerator.num_processes)
+    _, resume = prepare_work_dir(out, signature, trainer.accelerator)
     if resume is not None:
         log.info("resuming from %s", resume)
-    elif main_process:
-        for name in (TRAINER_LOG, ROLLOUT_LOG):
-            (work / name).unlink(missing_ok=True)
     # One MLflow run per stage, opened by the main process only.
     track = config if main_process else {**config, "tracking": {**config["tracking"], "mlflow": False}}
 
@@ -149,10 +215,11 @@ def run(args, config) -> int:
         if main_process:
             policy = trainer.accelerator.unwrap_model(trainer.model)
             policy.eval()
+            policy.to(inp.save_dtype)  # the start model's dtype, whatever rl.train_dtype
             rl_meta = {**inp.meta, "stage": "rl", "variant": args.variant, "base": str(start)}
             with atomic_path(out) as tmp:
                 save_model(policy, inp.tokenizer, tmp, rl_meta, config)
-                for name in (TRAINER_LOG, ROLLOUT_LOG):
+                for name in (TRAINER_LOG, ROLLOUT_LOG, INPUTS):
                     if (work / name).is_file():
                         shutil.copyfile(work / name, tmp / name)
                 (tmp / "rl_summary.json").write_text(

@@ -10,6 +10,12 @@ process's prompts, decodes each group once (groups are shared out between proces
 gathers the results and gives each process its own slice; the columns that need the whole
 group (does it contain the target?) are computed there, before TRL gathers the rewards and
 normalises them per group.
+
+Checkpoints (rl.save_steps) hold, besides what Trainer saves (policy, optimizer, scheduler,
+RNG states, trainer state), the reference model: with sync_ref_model it is a copy of the
+policy at the last sync, which TRL would otherwise rebuild from the start model on resume.
+The sampler's order is drawn from seed + epoch, so a run resumed in a later epoch sees the
+same prompts as an uninterrupted one (TRL's sampler seeds one generator once per run).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors.torch import load_model, save_model
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import RepeatSampler
 
 from rere import RereError
 from rere.decoding import beam_search, sample
@@ -42,12 +50,14 @@ class ReReTrainer(GRPOTrainer):
         sampling: str,
         rollout_log: Path | None = None,
         filter_prompts: int = 0,
+        decode_batch_prompts: int | None = None,
         **kwargs,
     ):
         self.rere_index = index
         self.rere_trie = trie
         self.rere_item_seqs = item_seqs  # item position -> completion token ids (EOS included)
         self.rere_sampling = sampling
+        self.rere_decode_batch = decode_batch_prompts  # prompts per decoding chunk; None: all at once
         self.rere_rollout_log = rollout_log
         self._rere_inputs: list[dict] | None = None
         self._rere_groups: list[dict] = []
@@ -138,6 +148,7 @@ class ReReTrainer(GRPOTrainer):
         if not prompt_ids:
             return []
         pad = self.processing_class.pad_token_id
+        chunk = self.rere_decode_batch or len(prompt_ids)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
@@ -148,12 +159,12 @@ class ReReTrainer(GRPOTrainer):
             model.eval()
             try:
                 if self.rere_sampling == "beam":
-                    return beam_search(model, prompt_ids, self.rere_trie, g, pad, len(prompt_ids))
+                    return beam_search(model, prompt_ids, self.rere_trie, g, pad, chunk)
                 # The draws depend on the seed, the step and the group, not on the process layout.
                 generator = torch.Generator(device=model.device)
                 generator.manual_seed(self.args.seed * 1_000_003 + self.state.global_step * 7919 + first_group)
                 n = g if self.rere_sampling == "sample" else math.ceil(1.5 * g)
-                drawn = sample(model, prompt_ids, self.rere_trie, n, self.temperature, generator, pad)
+                drawn = sample(model, prompt_ids, self.rere_trie, n, self.temperature, generator, pad, chunk)
                 return drawn if self.rere_sampling == "sample" else [distinct_first(d, g) for d in drawn]
             finally:
                 model.train(was_training)
@@ -227,3 +238,45 @@ class ReReTrainer(GRPOTrainer):
             for k, grp in enumerate(self._rere_groups):
                 record = {"step": self.state.global_step, **grp, "advantages": advantages[k * g : (k + 1) * g]}
                 f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    # ---------------------------------------------------------------------------------------------
+    # Resuming: a resumed run trains exactly as an uninterrupted one
+
+    def _get_train_sampler(self, dataset=None):
+        # GRPOTrainer._get_train_sampler's RepeatSampler (trl 1.16), with an epoch-seeded order.
+        return EpochSeededRepeatSampler(
+            data_source=self.train_dataset if dataset is None else dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _save_checkpoint(self, model, trial):
+        # Written before Trainer's files: trainer_state.json comes last and marks the checkpoint complete.
+        if self.ref_model is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model(self.accelerator.unwrap_model(self.ref_model), str(folder / REF_MODEL))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ref_model is not None:
+            path = Path(resume_from_checkpoint) / REF_MODEL
+            if not path.is_file():
+                raise RuntimeError(f"{resume_from_checkpoint} has no {REF_MODEL}: it was not written by ReReTrainer")
+            load_model(self.accelerator.unwrap_model(self.ref_model), str(path), device=str(self.accelerator.device))
+
+
+REF_MODEL = "ref_model.safetensors"  # the reference model's weights, in every checkpoint
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler, with epoch e's order drawn from seed + e (Trainer calls `set_epoch`
+    before each epoch, also the one it resumes in)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed(self.seed + epoch)
