@@ -113,7 +113,7 @@ def run(args, config) -> int:
 
     index = ItemIndex.load(args.index)
     history = resolve_history(index, args.history, args.item_ids, args.skip_unknown)
-    model, tokenizer, meta = load_model(args.model, index=index)
+    model, tokenizer, meta = load_model(args.model, index=index, trust_remote_code=config["model"]["trust_remote_code"])
     recs = recommend(
         model, tokenizer, index, history, args.k, meta["prompt_style"], config["seed"], args.exclude_history
     )
