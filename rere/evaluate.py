@@ -146,11 +146,14 @@ def run(args, config) -> int:
     dataset = data.name
 
     index = ItemIndex.load(args.index)
+    index.check_catalogue(data)  # ids alone can agree between two catalogues
     split_file = data / f"{split}.csv"
     rows = select_rows(read_split(split_file), ev["max_rows"], config["seed"])
     check_request(index, rows, ev, split, source=str(split_file))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, meta = load_model(model_dir, index=index, device=device)
+    model, tokenizer, meta = load_model(
+        model_dir, index=index, device=device, trust_remote_code=config["model"]["trust_remote_code"]
+    )
 
     with tracking.stage_run(config, stage="evaluate", dataset=dataset, method=method, index_kind=index.kind) as mlrun:
         ranked, scores, metrics = evaluate_model(

@@ -256,7 +256,10 @@ def run(args, config) -> int:
 
     # Everything that can be wrong with the inputs is checked before any training.
     index = ItemIndex.load(args.index)
-    model, tokenizer, meta = load_model(args.model, index=index, for_training=True)
+    index.check_catalogue(data)
+    model, tokenizer, meta = load_model(
+        args.model, index=index, for_training=True, trust_remote_code=config["model"]["trust_remote_code"]
+    )
     train_rows = select_rows(read_split(data / "train.csv"), sft["max_train_rows"], seed)
     valid_rows = select_rows(read_split(data / "valid.csv"), sft["max_eval_rows"], seed)
     if not train_rows or not valid_rows:
