@@ -187,3 +187,125 @@ def test_a_damaged_model_folder_is_named(base, tmp_path, damage, named, capsys):
     out = tmp_path / "out"
     refused(capsys, stage_args(base, "evaluate", model, out), named, "rebuild it", out=out)
     refused(capsys, stage_args(base, "recommend", model, out), named)
+
+
+# ---------------------------------------------------------------------------------------------
+# `rere data`: odd titles, empty splits, bytes that are not UTF-8
+
+D3_HEADER = (
+    "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,"
+    "history_rating,rating,history_timestamp,timestamp\n"
+)
+
+
+def d3_folder(folder: Path, title0: str = "Red Pen") -> Path:
+    """A three-item D3 folder, two rows per split; `title0` is item 0's title (CSV-quoted)."""
+    folder.mkdir(parents=True)
+    (folder / "info.txt").write_text(f"{title0}\t0\nCup\t1\nInk\t2\n")
+    quoted = title0.replace("'", "\\'")
+    rows = [
+        f"u1,['a0'],a1,[0],1,\"['{quoted}']\",Cup,[5.0],4.0,[1],2\n",
+        f"u2,['a1'],a2,[1],2,['Cup'],Ink,[5.0],4.0,[1],2\n",
+    ]
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.csv").write_text(D3_HEADER + "".join(rows))
+    return folder
+
+
+def d3_config(tmp_path: Path, folder: Path) -> Path:
+    config = tmp_path / "d3.yaml"
+    config.write_text(json.dumps({"datasets": {"d3": {"source": "d3", "path": str(folder)}}}))
+    return config
+
+
+def data_args(tmp_path: Path, folder: Path, out: Path) -> list[str]:
+    return ["data", "--config", str(d3_config(tmp_path, folder)), "--dataset", "d3", "--out", str(out)]
+
+
+def test_a_tab_in_a_title_becomes_a_space_in_reader_and_writer(tmp_path):
+    """One rule (rere.io.clean_title): a tab or line break inside a title is a space, for the
+    info.txt reader, the CSV title columns and every source reader alike."""
+    from rere.data import build_from_corpus
+    from rere.data.corpus import Corpus
+    from rere.io import read_catalogue, read_split
+
+    folder = d3_folder(tmp_path / "d3", title0="Red\tPen")
+    out = tmp_path / "data" / "d3"
+    assert main([*data_args(tmp_path, folder, out), "-q"]) == 0
+    assert (out / "info.txt").read_text().splitlines()[0] == "Red Pen\t0"
+    assert read_catalogue(out / "info.txt")[0] == "Red Pen"
+    assert read_split(out / "train.csv")[0]["history_item_title"] == ["Red Pen"]
+
+    corpus = Corpus(
+        events=[("u", "a", 5.0, 1), ("u", "b", 5.0, 2), ("u", "c", 5.0, 3)],
+        titles={"a": "Pens\tand Paper", "b": "Ink\r\nWell", "c": "Cup"},
+        words={},
+        item_order=["a", "b", "c"],
+        user_order=["u"],
+        tie_by_item=False,
+    )
+    ds = {"max_history": 10, "split": "leave_one_out"}
+    _, items, _ = build_from_corpus(corpus, ds, seed=0, source="amazon")
+    assert sorted(r["title"] for r in items) == ["Cup", "Ink  Well", "Pens and Paper"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_rere_data_refuses_an_empty_split(tmp_path, split, capsys):
+    folder = d3_folder(tmp_path / "d3")
+    (folder / f"{split}.csv").write_text(D3_HEADER)
+    out = tmp_path / "data" / "d3"
+    refused(capsys, data_args(tmp_path, folder, out), f"{split}.csv: the {split} split has no rows", out=out)
+
+
+@pytest.mark.parametrize(
+    "name, line",
+    [("valid.csv", 3), ("info.txt", 2)],
+)
+def test_a_byte_that_is_not_utf8_is_reported_with_its_line(tmp_path, name, line, capsys):
+    folder = d3_folder(tmp_path / "d3")
+    lines = (folder / name).read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1].replace(b"Cup", b"C\xfcp")  # latin-1 ü
+    (folder / name).write_bytes(b"\n".join(lines))
+    column = lines[line - 1].index(b"\xfc") + 1
+    out = tmp_path / "data" / "d3"
+    needle = f"{name}: line {line}: byte {column} of the line"
+    refused(capsys, data_args(tmp_path, folder, out), needle, "not UTF-8", out=out)
+
+
+def test_non_utf8_config_and_index_files_name_the_line(base, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"seed: 1\n# caf\xe9\n")
+    refused(capsys, ["index", "--config", str(config), "--data", "x", "--out", "y"], "bad.yaml: line 2: byte 6 of the line")
+    index = tmp_path / "index"
+    shutil.copytree(base["index"], index)
+    text = (index / "index.json").read_bytes()
+    (index / "index.json").write_bytes(text.replace(b"Red Lamp 0", b"R\xe9d Lamp 0"))
+    out = tmp_path / "out"
+    refused(capsys, stage_args({**base, "index": index}, "evaluate", base["base"], out), "index.json: line", out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values and --set arguments
+
+
+def test_sft_max_steps_zero_is_refused_naming_the_key(tmp_path, capsys):
+    argv = ["index", "--data", "x", "--out", str(tmp_path / "out")]
+    refused(capsys, [*argv, "--set", "sft.max_steps=0"], "--set sft.max_steps=0: key 'sft.max_steps'")
+    config = tmp_path / "zero.yaml"
+    config.write_text("sft: {max_steps: 0}\n")
+    refused(capsys, [*argv, "--config", str(config)], f"{config}: key 'sft.max_steps': 0 is not allowed")
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("sft.max_stepz=3", "--set sft.max_stepz=3: unknown key ['max_stepz'] under 'sft'"),
+        ("evaluate.num_beams=many", "--set evaluate.num_beams=many: key 'evaluate.num_beams'"),
+        ("sft=3", "--set sft=3: key 'sft'"),
+        ("sft.max_steps=[1", "--set 'sft.max_steps=[1': the value is not valid YAML"),
+        ("evaluate.num_beams=2", "with --set evaluate.num_beams=2: key 'evaluate.ks'"),
+    ],
+)
+def test_set_errors_name_the_set_argument(tmp_path, item, message, capsys):
+    err = refused(capsys, ["index", "--data", "x", "--out", str(tmp_path / "out"), "--set", item], message)
+    assert "config.yaml: key" not in err
