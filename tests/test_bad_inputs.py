@@ -41,7 +41,8 @@ def refused(capsys, argv: list[str], *needles: str, out: Path | None = None) -> 
     capsys.readouterr()
     assert main([*argv, "-q"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"rere {argv[0]}: error: "), err
+    # The error is the last line (transformers may draw a progress bar before it).
+    assert err.strip().splitlines()[-1].startswith(f"rere {argv[0]}: error: "), err
     assert "Traceback" not in err, err
     for needle in needles:
         assert needle in err, (needle, err)
@@ -309,3 +310,20 @@ def test_sft_max_steps_zero_is_refused_naming_the_key(tmp_path, capsys):
 def test_set_errors_name_the_set_argument(tmp_path, item, message, capsys):
     err = refused(capsys, ["index", "--data", "x", "--out", str(tmp_path / "out"), "--set", item], message)
     assert "config.yaml: key" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# `rere recommend` with a history longer than the model was trained on
+
+
+def test_a_long_history_keeps_its_last_items_and_says_so(base, caplog, capsys):
+    history = [str(i % 12) for i in range(3000)]
+    argv = ["recommend", "--model", str(base["base"]), "--index", str(base["index"]), "--item-ids", *history]
+    # tiny.yaml's datasets.tiny.max_history (10) is the model's dataset's (rere.json: "tiny").
+    with caplog.at_level("INFO", logger="rere"):
+        assert main([*argv, "--config", str(TINY_CONFIG), "--k", "3", "--json"]) == 0
+    kept = [h["item_id"] for h in json.loads(capsys.readouterr().out)["history"]]
+    assert kept == [int(x) for x in history[-10:]]
+    assert any("has 3000 items; keeping the last 10" in r.getMessage() for r in caplog.records)
+    # A limit the model's 256 positions cannot hold is refused before decoding.
+    refused(capsys, [*argv, *sets(), "--max-history", "3000"], "tokens", "the model takes 256 positions")
