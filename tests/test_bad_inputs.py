@@ -327,3 +327,39 @@ def test_a_long_history_keeps_its_last_items_and_says_so(base, caplog, capsys):
     assert any("has 3000 items; keeping the last 10" in r.getMessage() for r in caplog.records)
     # A limit the model's 256 positions cannot hold is refused before decoding.
     refused(capsys, [*argv, *sets(), "--max-history", "3000"], "tokens", "the model takes 256 positions")
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT resumed: the summary still describes every step
+
+
+def test_train_loss_after_a_resume_covers_every_step(base, tmp_path):
+    from test_sft import run_sft
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_sft(base, straight, "sft.max_steps=8", "sft.eval_steps=4") == 0
+    assert run_sft(base, resumed, "sft.max_steps=4", "sft.eval_steps=4") == 0
+    assert run_sft(base, resumed, "sft.max_steps=8", "sft.eval_steps=4") == 0  # continues from checkpoint-4
+
+    def summary(out):
+        return json.loads((out / "sft_summary.json").read_text())
+
+    def logged(out):  # logging_steps=1: one loss record per step
+        lines = (out / "trainer_log.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert logged(resumed) == pytest.approx(logged(straight), rel=1e-5)  # the resume is faithful
+    assert len(logged(resumed)) == 8 and summary(resumed)["global_step"] == 8
+    assert summary(resumed)["train_loss"] == pytest.approx(sum(logged(resumed)) / 8, rel=1e-6)
+    assert summary(resumed)["train_loss"] == pytest.approx(summary(straight)["train_loss"], rel=1e-5)
+
+
+def test_overall_train_loss_weighs_each_record_by_its_steps(tmp_path):
+    from rere.sft import overall_train_loss
+
+    log = tmp_path / "trainer_log.jsonl"
+    records = [{"step": 2, "loss": 4.0}, {"step": 2, "eval_loss": 9.0}, {"step": 6, "loss": 1.0}, {"step": 8, "loss": 7.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Resumed at 6: steps 1-2 at 4.0, 3-6 at 1.0 (from the log), 7-10 at 2.5 (this run).
+    assert overall_train_loss(log, 6, 2.5, 10) == pytest.approx((4.0 * 2 + 1.0 * 4 + 2.5 * 4) / 10)
+    assert overall_train_loss(log, 0, 2.5, 10) == 2.5  # not resumed: Trainer's own mean
