@@ -363,3 +363,55 @@ def test_overall_train_loss_weighs_each_record_by_its_steps(tmp_path):
     # Resumed at 6: steps 1-2 at 4.0, 3-6 at 1.0 (from the log), 7-10 at 2.5 (this run).
     assert overall_train_loss(log, 6, 2.5, 10) == pytest.approx((4.0 * 2 + 1.0 * 4 + 2.5 * 4) / 10)
     assert overall_train_loss(log, 0, 2.5, 10) == 2.5  # not resumed: Trainer's own mean
+
+
+# ---------------------------------------------------------------------------------------------
+# An honest invalid rate: a broken trie shows up in the column
+
+
+def wrong_tries(model, tokenizer, index):
+    """Tries that constrained decoding would follow without complaint, but that are wrong:
+    each item's label points at the next item's tokens, or no sequence is an item's code."""
+    from rere.decoding import ItemTrie, catalogue_trie
+
+    right, seqs = catalogue_trie(model, tokenizer, index, "compact", 42)
+    vocab = model.config.get_text_config().vocab_size
+    return right, {
+        "labels-rotated": ItemTrie.from_sequences(seqs[1:] + seqs[:1], vocab),
+        "not-item-codes": ItemTrie.from_sequences([[tokenizer.pad_token_id, *s] for s in seqs], vocab),
+    }
+
+
+@pytest.mark.parametrize("wrong", ["labels-rotated", "not-item-codes"])
+def test_a_wrong_trie_shows_up_in_invalid_rate(base, tmp_path, wrong, monkeypatch):
+    import rere.decoding
+    from rere.config import load_config
+    from rere.evaluate import evaluate_model
+    from rere.index import ItemIndex
+    from rere.io import read_split
+    from rere.model import load_model
+
+    index = ItemIndex.load(base["index"])
+    model, tok, meta = load_model(base["base"], index=index)
+    right, tries = wrong_tries(model, tok, index)
+    config = load_config(overrides=[x for x in sets() if x != "--set"])
+    rows = read_split(base["data"] / "test.csv")[:4]
+    _, _, metrics = evaluate_model(model, tok, index, rows, config, style="compact", trie=right, progress=False)
+    assert metrics["invalid"] == 0 and metrics["invalid_rate"] == 0.0
+    ranked, _, metrics = evaluate_model(model, tok, index, rows, config, style="compact", trie=tries[wrong], progress=False)
+    assert metrics["invalid"] == 4 * 5 and metrics["invalid_rate"] == 1.0  # every beam: 4 rows x 5 beams
+    assert ranked == [[], [], [], []]
+
+    # Through the CLI: metrics.json carries the rate (the report's invalid_rate column).
+    monkeypatch.setattr(rere.decoding, "catalogue_trie", lambda *args: (tries[wrong], None))
+    out = tmp_path / "results"
+    assert main([*stage_args(base, "evaluate", base["base"], out), "--set", "evaluate.max_rows=4", "-q"]) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["invalid"] == 20 and written["invalid_rate"] == 1.0
+
+
+def test_baselines_write_invalid_rate_as_not_applicable(base, tmp_path):
+    out = tmp_path / "pop"
+    assert main(["baseline", "--method", "pop", "--data", str(base["data"]), "--out", str(out), *sets(), "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["invalid_rate"] is None and "invalid" not in metrics  # n/a, not a measured 0
