@@ -396,10 +396,10 @@ def test_a_wrong_trie_shows_up_in_invalid_rate(base, tmp_path, wrong, monkeypatc
     right, tries = wrong_tries(model, tok, index)
     config = load_config(overrides=[x for x in sets() if x != "--set"])
     rows = read_split(base["data"] / "test.csv")[:4]
-    _, _, metrics = evaluate_model(model, tok, index, rows, config, style="compact", trie=right, progress=False)
-    assert metrics["invalid"] == 0 and metrics["invalid_rate"] == 0.0
-    ranked, _, metrics = evaluate_model(model, tok, index, rows, config, style="compact", trie=tries[wrong], progress=False)
-    assert metrics["invalid"] == 4 * 5 and metrics["invalid_rate"] == 1.0  # every beam: 4 rows x 5 beams
+    _, _, good = evaluate_model(model, tok, index, rows, config, style="compact", trie=right, progress=False)
+    ranked, _, bad = evaluate_model(model, tok, index, rows, config, style="compact", trie=tries[wrong], progress=False)
+    assert good["invalid"] == 0 and bad["invalid"] == 4 * 5  # every beam of 4 rows x 5 beams
+    assert good["invalid_rate"] == 0.0 and bad["invalid_rate"] == 1.0
     assert ranked == [[], [], [], []]
 
     # Through the CLI: metrics.json carries the rate (the report's invalid_rate column).
