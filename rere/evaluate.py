@@ -80,7 +80,9 @@ def written_items(trie, tokenizer, index, positions) -> dict[int, int | None]:
     def key(text: str) -> str:
         return unicodedata.normalize("NFC", text).strip()
 
-    code_table = {key(completion_text(code)): item_id for code, item_id in zip(index.codes, index.item_ids, strict=True)}
+    code_table = {
+        key(completion_text(code)): item_id for code, item_id in zip(index.codes, index.item_ids, strict=True)
+    }
     labels = trie.item_of_leaf.tolist()  # (num_nodes,) position at a leaf, -1 elsewhere
     leaf_of = {pos: node for node, pos in enumerate(labels) if pos >= 0}
     parent = [0] * len(labels)

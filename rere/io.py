@@ -229,7 +229,9 @@ def write_catalogue(path: str | Path, items: dict[int, str]) -> None:
         for item_id in sorted(items):
             title = items[item_id]
             if clean_title(title) != title:  # the readers clean titles first; this is a bug, not bad input
-                raise RereError(f"item {item_id}: title {title!r} has a tab or line break; pass it through clean_title.")
+                raise RereError(
+                    f"item {item_id}: title {title!r} has a tab or line break; pass it through clean_title."
+                )
             f.write(f"{title}\t{item_id}\n")
 
 

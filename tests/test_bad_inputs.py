@@ -32,7 +32,11 @@ def leftovers(out: Path) -> list[str]:
     """What a stage left at or next to `out` (the output, its temporaries, a training folder)."""
     if not out.parent.is_dir():
         return []
-    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith((f".{out.name}.", f"{out.name}.")))
+    return sorted(
+        p.name
+        for p in out.parent.iterdir()
+        if p.name == out.name or p.name.startswith((f".{out.name}.", f"{out.name}."))
+    )
 
 
 def refused(capsys, argv: list[str], *needles: str, out: Path | None = None) -> str:
@@ -206,7 +210,7 @@ def d3_folder(folder: Path, title0: str = "Red Pen") -> Path:
     quoted = title0.replace("'", "\\'")
     rows = [
         f"u1,['a0'],a1,[0],1,\"['{quoted}']\",Cup,[5.0],4.0,[1],2\n",
-        f"u2,['a1'],a2,[1],2,['Cup'],Ink,[5.0],4.0,[1],2\n",
+        "u2,['a1'],a2,[1],2,['Cup'],Ink,[5.0],4.0,[1],2\n",
     ]
     for split in ("train", "valid", "test"):
         (folder / f"{split}.csv").write_text(D3_HEADER + "".join(rows))
@@ -276,7 +280,9 @@ def test_a_byte_that_is_not_utf8_is_reported_with_its_line(tmp_path, name, line,
 def test_non_utf8_config_and_index_files_name_the_line(base, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_bytes(b"seed: 1\n# caf\xe9\n")
-    refused(capsys, ["index", "--config", str(config), "--data", "x", "--out", "y"], "bad.yaml: line 2: byte 6 of the line")
+    refused(
+        capsys, ["index", "--config", str(config), "--data", "x", "--out", "y"], "bad.yaml: line 2: byte 6 of the line"
+    )
     index = tmp_path / "index"
     shutil.copytree(base["index"], index)
     text = (index / "index.json").read_bytes()
@@ -358,7 +364,12 @@ def test_overall_train_loss_weighs_each_record_by_its_steps(tmp_path):
     from rere.sft import overall_train_loss
 
     log = tmp_path / "trainer_log.jsonl"
-    records = [{"step": 2, "loss": 4.0}, {"step": 2, "eval_loss": 9.0}, {"step": 6, "loss": 1.0}, {"step": 8, "loss": 7.0}]
+    records = [
+        {"step": 2, "loss": 4.0},
+        {"step": 2, "eval_loss": 9.0},
+        {"step": 6, "loss": 1.0},
+        {"step": 8, "loss": 7.0},
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     # Resumed at 6: steps 1-2 at 4.0, 3-6 at 1.0 (from the log), 7-10 at 2.5 (this run).
     assert overall_train_loss(log, 6, 2.5, 10) == pytest.approx((4.0 * 2 + 1.0 * 4 + 2.5 * 4) / 10)

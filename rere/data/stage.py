@@ -109,7 +109,9 @@ def check_splits(name: str, ds: dict, splits: dict) -> None:
             continue
         if ds["source"] == "d3":
             where = Path(ds["path"]) / f"{split}.csv"
-            raise RereError(f"{where}: the {split} split has no rows (a header only); fill the file or drop the dataset.")
+            raise RereError(
+                f"{where}: the {split} split has no rows (a header only); fill the file or drop the dataset."
+            )
         raise RereError(
             f"dataset {name}: the {split} split has no rows after the {ds['split']} split; the source has too few "
             "interactions per user: use a larger dataset (amazon: a lower k_core or a wider time window)."
