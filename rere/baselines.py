@@ -551,7 +551,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
             "dataset": dataset_name,
             "split": split,
             "num_beams": None,  # full ranking, no beam search
-            "invalid": 0,
+            "invalid_rate": None,  # n/a: a baseline ranks catalogue ids, it cannot write an invalid item
             "throughput": len(eval_rows) / elapsed if elapsed > 0 else None,
         }
         metrics = write_results(out, eval_rows, ranked, scores, ev["ks"], extra)

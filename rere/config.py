@@ -48,8 +48,23 @@ def _where(error: jsonschema.ValidationError) -> str:
     return path or "(top level)"
 
 
-def validate(config: dict, source: str = "config") -> dict:
-    """Fill defaults in place and validate; raise RereError naming the key on the first problem."""
+def _blame(error: jsonschema.ValidationError, extra: list[str], overrides: dict[tuple, str]) -> str | None:
+    """The `--set KEY=VALUE` argument that put the offending value there, if one did."""
+    path = [str(p) for p in error.absolute_path]
+    for keys, item in reversed(overrides.items()):  # the last --set of a key wins
+        keys = list(keys)
+        if keys == path[: len(keys)] or (keys[:-1] == path and keys[-1] in extra):
+            return item
+    return None
+
+
+def validate(config: dict, source: str = "config", overrides: dict[tuple, str] | None = None) -> dict:
+    """Fill defaults in place and validate; raise RereError naming the key on the first problem.
+
+    `overrides` maps each `--set` key path to its argument, so an error in a value that came
+    from the command line names that argument rather than the config file.
+    """
+    overrides = overrides or {}
     schema = _schema()
     validator = _Validator(schema)
     # Defaults inside `additionalProperties` entries (datasets, rl.variants) are filled by the
@@ -57,13 +72,20 @@ def validate(config: dict, source: str = "config") -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
+        extra: list[str] = []
         if e.validator == "additionalProperties":
             extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
             allowed = ", ".join(sorted(e.schema.get("properties", {})))
             msg = f"unknown key {extra} under '{_where(e)}' (allowed: {allowed})"
+        elif e.validator in ("anyOf", "oneOf") and "description" in e.schema:
+            msg = f"key '{_where(e)}': {e.instance!r} is not allowed ({e.schema['description'].rstrip('.')})"
         else:
             msg = f"key '{_where(e)}': {e.message}"
-        raise RereError(f"{source}: {msg}. Fix the value or see {SCHEMA_PATH.name} for the allowed keys.")
+        item = _blame(e, extra, overrides)
+        where = f"--set {item}" if item is not None else source
+        raise RereError(f"{where}: {msg}. Fix the value or see {SCHEMA_PATH.name} for the allowed keys.")
+    if overrides:
+        source += " with " + " ".join(f"--set {item}" for item in overrides.values())
     _cross_checks(config, source)
     return config
 
@@ -114,7 +136,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RereError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set sft.max_steps=10")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RereError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc}).") from None
     if isinstance(value, str):
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string; a user means the number
             value = float(value) if value.strip().lower() not in {"nan", "inf", "-inf", "infinity"} else value
@@ -137,6 +162,10 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise RereError(f"config file {p} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            from rere.io import not_utf8
+
+            raise not_utf8(p) from None
         if not isinstance(data, dict):
             raise RereError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}.")
         # A dataset list in a later file replaces the earlier one rather than merging into it,
@@ -144,8 +173,11 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
         if "datasets" in data:
             config.pop("datasets", None)
         config = deep_merge(config, data)
+    given: dict[tuple, str] = {}
     for item in overrides or []:
         keys, value = _parse_override(item)
+        given.pop(tuple(keys), None)
+        given[tuple(keys)] = item
         node = config
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -153,7 +185,7 @@ def load_config(paths: list[str | Path] | None = None, overrides: list[str] | No
                 raise RereError(f"--set {item!r}: '{k}' is not a section.")
         node[keys[-1]] = value
     source = " + ".join(str(p) for p in paths)
-    return validate(config, source)
+    return validate(config, source, given)
 
 
 def schema_defaults(*keys: str) -> dict:

@@ -65,6 +65,45 @@ def prompt_ids(tokenizer, rows: list[dict], index, style: str, seed: int) -> lis
     return tokenizer([prompts.row_prompt(r, codes, style, seed, eos) for r in rows])["input_ids"]
 
 
+def written_items(trie, tokenizer, index, positions) -> dict[int, int | None]:
+    """For each item position the decoder can report, the catalogue item its tokens really
+    spell, found without the trie's item labels: the tokens on the path from the root to the
+    leaf labelled with that position (the transitions beam search followed), decoded by the
+    tokenizer and looked up in the index's code table. None: not the code of any item.
+
+    This is what keeps `invalid` honest: a trie whose labels or sequences are wrong (a bug
+    in building it, another tokenizer) shows up as beams that are not what they claim.
+    """
+    import unicodedata
+
+    from rere.prompts import completion_text
+
+    def key(text: str) -> str:
+        return unicodedata.normalize("NFC", text).strip()
+
+    code_table = {
+        key(completion_text(code)): item_id for code, item_id in zip(index.codes, index.item_ids, strict=True)
+    }
+    labels = trie.item_of_leaf.tolist()  # (num_nodes,) position at a leaf, -1 elsewhere
+    leaf_of = {pos: node for node, pos in enumerate(labels) if pos >= 0}
+    parent = [0] * len(labels)
+    token = [-1] * len(labels)
+    for k, child, tok in zip(trie.edge_keys.tolist(), trie.edge_child.tolist(), trie.edge_token.tolist(), strict=True):
+        parent[child], token[child] = k // trie.vocab_size, tok
+    out: dict[int, int | None] = {}
+    for pos in set(positions):
+        node, path = leaf_of.get(pos), []
+        while node:  # up to the root (node 0)
+            path.append(token[node])
+            node = parent[node]
+        path.reverse()
+        while path and path[-1] == trie.eos_token_id:
+            path.pop()
+        text = tokenizer.decode(path, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out[pos] = code_table.get(key(text)) if path else None
+    return out
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -80,8 +119,10 @@ def evaluate_model(
     """Rank the catalogue for every row by constrained beam search.
 
     Returns (ranked item ids per row, best first; their sequence log-probs; metrics), where
-    metrics has hr@K / ndcg@K for `evaluate.ks`, rows, invalid (beams that are not a catalogue
-    item, or repeat one: must be 0), throughput (rows/s of decoding), split and num_beams.
+    metrics has hr@K / ndcg@K for `evaluate.ks`, rows, invalid (beams whose tokens do not spell
+    the code of the item they are reported as, per `written_items`, or that repeat an item of
+    their row; left out of the ranking; must be 0), invalid_rate = invalid / (rows * num_beams),
+    throughput (rows/s of decoding), split and num_beams.
     `trie` can be passed to reuse one across calls (it depends only on tokenizer and index).
     """
     import torch
@@ -103,28 +144,37 @@ def evaluate_model(
     with torch.no_grad():
         beams = beam_search(model, ids, trie, ev["num_beams"], pad, ev["batch_size"], progress=progress)
     elapsed = time.perf_counter() - started
+    written = written_items(trie, tokenizer, index, [int(pos) for row in beams for pos, _ in row])
     ranked: list[list[int]] = []
     scores: list[list[float]] = []
     invalid = 0
     for row_beams in beams:
         items, item_scores, seen = [], [], set()
         for pos, logp in row_beams:
-            if not (0 <= int(pos) < n_items) or pos in seen:
-                invalid += 1  # not a catalogue item, or one already in this row's list
+            pos = int(pos)
+            item = index.item_ids[pos] if 0 <= pos < n_items else None
+            if item is None or written[pos] != item or item in seen:
+                invalid += 1  # its tokens are not this item's code, or the item is already in the list
                 continue
-            seen.add(pos)
-            items.append(index.item_ids[pos])
+            seen.add(item)
+            items.append(item)
             item_scores.append(float(logp))
         invalid += ev["num_beams"] - len(row_beams)  # a beam that ended without an item
         ranked.append(items)
         scores.append(item_scores)
     if invalid:
-        log.error("%d generated beams were not distinct catalogue items; constrained decoding is broken.", invalid)
+        log.error(
+            "%d of %d generated beams did not write the distinct catalogue item they were reported as; "
+            "constrained decoding (the item trie) is broken.",
+            invalid,
+            len(rows) * ev["num_beams"],
+        )
 
     metrics = dict(hr_ndcg([rank_of(r, row["item_id"]) for r, row in zip(ranked, rows, strict=True)], ev["ks"]))
     metrics.update(
         rows=len(rows),
         invalid=invalid,
+        invalid_rate=invalid / (len(rows) * ev["num_beams"]),
         throughput=len(rows) / elapsed if elapsed > 0 else float("inf"),
         split=split,
         num_beams=ev["num_beams"],
@@ -147,17 +197,20 @@ def run(args, config) -> int:
     dataset = data.name
 
     index = ItemIndex.load(args.index)
+    index.check_catalogue(data)  # ids alone can agree between two catalogues
     split_file = data / f"{split}.csv"
     rows = select_rows(read_split(split_file), ev["max_rows"], config["seed"])
     check_request(index, rows, ev, split, source=str(split_file))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, meta = load_model(model_dir, index=index, device=device)
+    model, tokenizer, meta = load_model(
+        model_dir, index=index, device=device, trust_remote_code=config["model"]["trust_remote_code"]
+    )
 
     with tracking.stage_run(config, stage="evaluate", dataset=dataset, method=method, index_kind=index.kind) as mlrun:
         ranked, scores, metrics = evaluate_model(
             model, tokenizer, index, rows, config, style=meta["prompt_style"], split=split
         )
-        extra = {k: metrics[k] for k in ("invalid", "throughput", "split", "num_beams")}
+        extra = {k: metrics[k] for k in ("invalid", "invalid_rate", "throughput", "split", "num_beams")}
         extra.update(method=method, dataset=dataset)
         with atomic_path(out) as tmp:
             final = write_results(tmp, rows, ranked, scores, ev["ks"], extra=extra)

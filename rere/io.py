@@ -6,6 +6,9 @@
 - The D3 split layout (train/valid/test.csv; list columns as Python-literal strings) and
   the catalogue (info.txt: `title<TAB>item_id`, one line per item). List columns are read
   with `ast.literal_eval`, a literal parser: file contents are never executed.
+- Titles are one line without tabs (`clean_title`): every reader turns a tab, newline or
+  carriage return inside a title into a space, and the writer refuses one that still has it.
+- A file that is not UTF-8 is reported with the line and column of its first bad byte.
 """
 
 from __future__ import annotations
@@ -62,6 +65,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def not_utf8(path: str | Path) -> RereError:
+    """The error for a file that is not UTF-8, with the line and column of its first bad byte.
+
+    (A UnicodeDecodeError's offset is within the chunk the decoder was given, not the file.)
+    """
+    path = Path(path)
+    for line_no, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return RereError(
+                f"{path}: line {line_no}: byte {exc.start + 1} of the line ({line[exc.start : exc.start + 1]!r}) "
+                f"is not UTF-8 ({exc.reason}); re-encode the file as UTF-8."
+            )
+    return RereError(f"{path}: not UTF-8 (cut short inside a character at the end); re-encode the file as UTF-8.")
+
+
+# Characters a catalogue title cannot hold: info.txt is one `title<TAB>item_id` per line.
+_TITLE_BREAKS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+
+
+def clean_title(title: str) -> str:
+    r"""The title rule shared by every reader and the writer: each tab, newline or carriage
+    return inside a title becomes one space (nothing else changes).
+
+    >>> clean_title("Pens\tand\r\nPaper")
+    'Pens and  Paper'
+    """
+    return title.translate(_TITLE_BREAKS)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -75,6 +109,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise RereError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}).") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def save_resolved_config(folder: str | Path, config: dict, name: str = "config.yaml") -> None:
@@ -132,8 +168,8 @@ def read_split(path: str | Path) -> list[dict]:
                     raise RereError(f"{path}: line {line}: history_item_id and history_item_title differ in length.")
                 row["_line"] = line
                 rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise RereError(f"{path}: not UTF-8 (byte {exc.start}: {exc.reason}); re-encode the file as UTF-8.") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return rows
 
 
@@ -148,7 +184,11 @@ def write_split(path: str | Path, rows: list[dict]) -> None:
 
 def read_catalogue(path: str | Path, unique_titles: bool = True) -> dict[int, str]:
     """info.txt -> {item_id: title}. Errors name the line; titles must be unique unless
-    `unique_titles` is False (a foreign D3 folder may repeat titles; `rere data` renames them)."""
+    `unique_titles` is False (a foreign D3 folder may repeat titles; `rere data` renames them).
+
+    The item id is the text after the line's last tab; a tab left in the title before it
+    becomes a space (`clean_title`), so whatever this reader returns the writer can write.
+    """
     path = Path(path)
     if not path.is_file():
         raise RereError(f"{path} does not exist; run `rere data` first.")
@@ -161,6 +201,7 @@ def read_catalogue(path: str | Path, unique_titles: bool = True) -> dict[int, st
                 if not line:
                     continue
                 title, sep, raw_id = line.rpartition("\t")
+                title = clean_title(title)
                 if not sep:
                     raise RereError(f"{path}: line {line_no}: expected 'title<TAB>item_id'.")
                 try:
@@ -176,8 +217,8 @@ def read_catalogue(path: str | Path, unique_titles: bool = True) -> dict[int, st
                     )
                 items[item_id] = title
                 seen[title] = item_id
-    except UnicodeDecodeError as exc:
-        raise RereError(f"{path}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8.") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if not items:
         raise RereError(f"{path}: the catalogue is empty.")
     return items
@@ -187,8 +228,10 @@ def write_catalogue(path: str | Path, items: dict[int, str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for item_id in sorted(items):
             title = items[item_id]
-            if "\t" in title or "\n" in title:
-                raise ValueError(f"item {item_id}: title contains a tab or newline: {title!r}")
+            if clean_title(title) != title:  # the readers clean titles first; this is a bug, not bad input
+                raise RereError(
+                    f"item {item_id}: title {title!r} has a tab or line break; pass it through clean_title."
+                )
             f.write(f"{title}\t{item_id}\n")
 
 
@@ -203,11 +246,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise RereError(f"{path} does not exist; run the stage that produces it first.")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RereError(f"{path}: line {line_no}: not valid JSON ({exc.msg}).") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise RereError(f"{path}: line {line_no}: not valid JSON ({exc.msg}).") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return out

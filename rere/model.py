@@ -6,6 +6,10 @@
 - `model.init: pretrained`: any Hugging Face causal LM by name or local path
   (`trust_remote_code` off unless the config turns it on).
 
+Whether code shipped in a model folder may run is the user's decision only
+(`model.trust_remote_code`, e.g. `--set model.trust_remote_code=true`): `load_model` refuses
+a folder whose rere.json or config.json/tokenizer_config.json `auto_map` asks for it otherwise.
+
 With a semantic-ID index the SID tokens are added to the tokenizer (and the embedding rows of
 a pretrained model start at the mean of the existing rows). Every model folder holds
 `rere.json` with the fingerprint of the index it was built for; `load_model` refuses a
@@ -16,6 +20,7 @@ against a catalogue it was not trained on.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -254,6 +259,66 @@ def save_model(model, tokenizer, folder: str | Path, meta: dict, config: dict, k
                 shutil.move(str(folder / name), str(tmp / name))
 
 
+# Files of a model folder that transformers parses as JSON (a broken one is named, not a traceback).
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+DAMAGED = "the model folder is damaged: rebuild it (`rere model`, `rere sft` or `rere rl`) or restore it from a copy."
+
+
+def remote_code_requests(folder: Path, meta: dict) -> list[str]:
+    """The files of `folder` that ask to run Python code shipped in the folder (empty: none do).
+
+    A folder asks through rere.json's `trust_remote_code` or an `auto_map` (class name ->
+    module in the folder) in config.json or tokenizer_config.json; transformers would import
+    that module when it loads the folder with trust_remote_code on.
+    """
+    asks = []
+    if meta.get("trust_remote_code"):
+        asks.append(f"{folder / 'rere.json'} (trust_remote_code: true)")
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        auto_map = _folder_json(path).get("auto_map") if path.is_file() else None
+        if auto_map:
+            asks.append(f"{path} (auto_map: {json.dumps(auto_map)[:120]})")
+    return asks
+
+
+def _folder_json(path: Path) -> dict:
+    try:
+        data = read_json(path)
+    except RereError as exc:
+        raise RereError(f"{exc} {DAMAGED}") from None
+    except UnicodeDecodeError:
+        raise RereError(f"{path}: not UTF-8. {DAMAGED}") from None
+    if not isinstance(data, dict):
+        raise RereError(f"{path}: expected a JSON object, got {type(data).__name__}. {DAMAGED}")
+    return data
+
+
+def check_folder_files(folder: Path) -> None:
+    """Every JSON file transformers will parse, and every safetensors file, must be readable
+    (a truncated download or a hand edit otherwise fails deep inside transformers)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            _folder_json(folder / name)
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise RereError(f"{path} is truncated or not a safetensors file ({exc}); {DAMAGED}") from None
+
+
 def _load_tokenizer(folder: Path, trust: bool):
     """The tokenizer as saved. AutoTokenizer would turn a generic (TokenizersBackend) tokenizer
     in a `qwen2` folder into a Qwen2Tokenizer, which rebuilds the pipeline around the vocabulary;
@@ -261,17 +326,32 @@ def _load_tokenizer(folder: Path, trust: bool):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok_config = folder / "tokenizer_config.json"
-    saved_class = read_json(tok_config).get("tokenizer_class") if tok_config.is_file() else None
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    saved_class = _folder_json(tok_config).get("tokenizer_class") if tok_config.is_file() else None
+    try:
+        if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    except Exception as exc:  # the tokenizers library raises plain Exception for a malformed tokenizer.json
+        raise RereError(
+            f"{folder}: the tokenizer (tokenizer.json, tokenizer_config.json) could not be loaded "
+            f"({type(exc).__name__}: {str(exc)[:200]}); {DAMAGED}"
+        ) from None
 
 
-def load_model(folder: str | Path, index: ItemIndex | None = None, device: str = "cpu", for_training: bool = False):
+def load_model(
+    folder: str | Path,
+    index: ItemIndex | None = None,
+    device: str = "cpu",
+    for_training: bool = False,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer, meta) from a folder written by `save_model`.
 
-    Raises RereError when the folder is missing, is not a rere model folder, or was built
-    for another index (fingerprint). The tokenizer is left-padding with a pad token.
+    Raises RereError when the folder is missing, is not a rere model folder, was built for
+    another index (fingerprint), has a damaged file (named), or asks to run its own code
+    (`remote_code_requests`) while `trust_remote_code` is off. Only the caller decides
+    whether code shipped in a folder may run, from the user's `model.trust_remote_code`;
+    the folder itself never does. The tokenizer is left-padding with a pad token.
     """
     from transformers import AutoModelForCausalLM
 
@@ -286,7 +366,7 @@ def load_model(folder: str | Path, index: ItemIndex | None = None, device: str =
         raise RereError(
             f"{folder} has no model weights ({', '.join(WEIGHT_FILES)}); run `rere model` or `rere sft` again."
         )
-    meta = read_json(folder / "rere.json")
+    meta = _folder_json(folder / "rere.json")
     if index is not None and meta.get("index_fingerprint") != index.fingerprint:
         raise RereError(
             f"{folder}: the catalogue does not match the index the model was trained with "
@@ -294,9 +374,22 @@ def load_model(folder: str | Path, index: ItemIndex | None = None, device: str =
             f"now: {index.kind} index {index.fingerprint[:12]}); rebuild the model (rere model, sft, rl) "
             "from the current index, or point --index at the one it was built with."
         )
-    trust = bool(meta.get("trust_remote_code", False))
+    asks = remote_code_requests(folder, meta)
+    if asks and not trust_remote_code:
+        raise RereError(
+            f"{asks[0]} asks to run Python code shipped in {folder}, and your config does not allow it "
+            "(model.trust_remote_code is false); nothing was run. If you trust whoever made this folder, "
+            "rerun with --set model.trust_remote_code=true (or set it in your config file)."
+        )
+    check_folder_files(folder)
+    trust = bool(trust_remote_code)
     tokenizer = _load_tokenizer(folder, trust)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, dtype="auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, dtype="auto")
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        raise RereError(
+            f"{folder}: the model could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); {DAMAGED}"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -9,6 +9,11 @@ the title index writes), as item codes (e.g. `<a_1><b_7><c_3>` for a semantic-ID
 as item ids. Unknown items are an error listing them, or are skipped with a warning under
 `--skip-unknown`. Items are ranked by the same constrained beam search as `rere evaluate`;
 scores are the model's log-probabilities of writing each item.
+
+A history longer than the model was trained on is cut to its last `--max-history` items
+(default: `datasets.<the model's dataset>.max_history` from the model folder's config.yaml,
+else from the current config), and the log says so; a prompt that still does not fit in the
+model's context (`max_position_embeddings`) is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 from rere import RereError
 
@@ -37,6 +43,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--exclude-history", action="store_true", help="do not recommend items already in the history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--max-history",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the last N history items (default: the model's datasets.<name>.max_history)",
+    )
 
 
 def resolve_history(index, titles: list[str], item_ids: list[int], skip_unknown: bool = False) -> list[int]:
@@ -74,10 +87,45 @@ def resolve_history(index, titles: list[str], item_ids: list[int], skip_unknown:
     return resolved
 
 
+def trained_history(model_dir, meta: dict, config: dict) -> int | None:
+    """`datasets.<dataset>.max_history` of the model's dataset (rere.json's `dataset`): from the
+    resolved config saved in the model folder, else from the current config; None if neither has it."""
+    import yaml
+
+    saved = Path(model_dir) / "config.yaml"
+    configs = [config]
+    if saved.is_file():
+        try:
+            configs.insert(0, yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+        except (yaml.YAMLError, UnicodeDecodeError):
+            log.warning("%s is not readable YAML; the history limit comes from the current config", saved)
+    for cfg in configs:
+        ds = (cfg.get("datasets") or {}).get(meta.get("dataset")) if isinstance(cfg, dict) else None
+        if isinstance(ds, dict) and isinstance(ds.get("max_history"), int):
+            return ds["max_history"]
+    return None
+
+
+def cut_history(history: list[int], max_history: int | None) -> list[int]:
+    """The last `max_history` items (all of them for None), logging what was left out."""
+    if max_history is not None and max_history < 1:
+        raise RereError(f"--max-history {max_history}: keep at least 1 item.")
+    if max_history is None or len(history) <= max_history:
+        return history
+    log.info(
+        "the history has %d items; keeping the last %d (the model was trained on histories of at most %d)",
+        len(history),
+        max_history,
+        max_history,
+    )
+    return history[-max_history:]
+
+
 def recommend(
     model, tokenizer, index, history: list[int], k: int, style: str, seed: int, exclude_history: bool = False
 ):
-    """[(item_id, log-prob)] of the top-k items, best first."""
+    """[(item_id, log-prob)] of the top-k items, best first. Refuses a prompt that (with the
+    longest item) does not fit in the model's context."""
     import torch
 
     from rere import prompts
@@ -93,6 +141,12 @@ def recommend(
     text = prompts.build_prompt([codes[h] for h in history], style, rng, prompts.eos_text(tokenizer, style))
     ids = tokenizer([text])["input_ids"]
     trie, _ = catalogue_trie(model, tokenizer, index, style, seed)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and len(ids[0]) + trie.max_depth > limit:
+        raise RereError(
+            f"the prompt for {len(history)} history items has {len(ids[0])} tokens and an item up to "
+            f"{trie.max_depth} more, but the model takes {limit} positions; give fewer items (--max-history N)."
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     with torch.no_grad():
@@ -114,7 +168,9 @@ def run(args, config) -> int:
 
     index = ItemIndex.load(args.index)
     history = resolve_history(index, args.history, args.item_ids, args.skip_unknown)
-    model, tokenizer, meta = load_model(args.model, index=index)
+    model, tokenizer, meta = load_model(args.model, index=index, trust_remote_code=config["model"]["trust_remote_code"])
+    limit = args.max_history if args.max_history is not None else trained_history(args.model, meta, config)
+    history = cut_history(history, limit)
     recs = recommend(
         model, tokenizer, index, history, args.k, meta["prompt_style"], config["seed"], args.exclude_history
     )

@@ -75,17 +75,22 @@ def methods_of(config: dict) -> list[tuple[str, str]]:
     )
 
 
-def invalid_rate(metrics: dict) -> float:
-    """Share of generated items that were not distinct catalogue items.
+def invalid_rate(metrics: dict) -> float | None:
+    """Share of generated items that were not distinct catalogue items, as `rere evaluate`
+    counts it (`invalid_rate`, checked against the index's code table, not the trie); None
+    (shown "n/a") for a baseline, which ranks catalogue ids and generates nothing. Older
+    files without the key: `invalid` / (rows * num_beams).
 
-    `invalid` counts bad beams over all rows, so the rate is invalid / (rows * num_beams);
-    without `num_beams` (a baseline ranks catalogue items only) it is invalid / rows.
-
+    >>> invalid_rate({"invalid_rate": 0.25, "rows": 10, "num_beams": 5})
+    0.25
+    >>> invalid_rate({"invalid_rate": None, "rows": 4}) is None
+    True
     >>> invalid_rate({"invalid": 3, "rows": 10, "num_beams": 5})
     0.06
-    >>> invalid_rate({"rows": 4})
-    0.0
     """
+    if "invalid_rate" in metrics:
+        value = metrics["invalid_rate"]
+        return None if value is None else float(value)
     rows = metrics.get("rows") or 0
     if not rows:
         return 0.0
@@ -642,6 +647,8 @@ def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
 
 
 def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
+    # a baseline generates nothing, so its invalid rate is not 0 but not applicable
+    rows = [{**r, "invalid_rate": "n/a" if r["invalid_rate"] is None else r["invalid_rate"]} for r in rows]
     write_csv(path, ["dataset", "method", "kind", *table_columns(columns), *TABLE_TAIL], rows)
 
 

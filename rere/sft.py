@@ -20,6 +20,9 @@ Folder layout (the Snakemake rule's output is the folder `out`):
 
 Rerunning on a finished `out` with a larger `sft.max_steps` moves its checkpoints back to
 `out.partial/` and continues from the last one; `out` is replaced when the new run ends.
+
+`sft_summary.json`'s `train_loss` is the mean loss per step over all steps of the model, the
+steps trained before a resume included (`overall_train_loss`).
 """
 
 from __future__ import annotations
@@ -193,6 +196,34 @@ def _prepare_work_dir(out: Path, signature: dict) -> tuple[Path, Path | None]:
     return work, resume
 
 
+def overall_train_loss(log_path: Path, resumed_at: int, run_loss: float, global_step: int) -> float:
+    """Mean train loss per optimizer step over every step of the run, resumed parts included.
+
+    Trainer's `training_loss` is the mean over the steps of this call only, (R, G] for a run
+    resumed at step R. The steps before come from trainer_log.jsonl, where each `loss` record
+    at step s is the mean over the steps since the previous record, so it weighs s - s_prev:
+
+        train_loss = (sum_{records s <= R} loss_s * (s - s_prev) + run_loss * (G - R)) / (s_last + G - R)
+
+    with s_last the last record at or before R. It is exact when the checkpoint step R is a
+    multiple of sft.logging_steps (the default eval_steps/logging_steps are); otherwise the
+    steps between s_last and R, whose losses were never logged, are left out.
+    """
+    weighted, steps, previous = 0.0, 0, 0
+    if resumed_at and log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            step = record.get("step", 0)
+            if "loss" in record and previous < step <= resumed_at:
+                weighted += record["loss"] * (step - previous)
+                steps += step - previous
+                previous = step
+    new_steps = global_step - resumed_at
+    if steps + new_steps == 0:
+        return run_loss
+    return (weighted + run_loss * new_steps) / (steps + new_steps)
+
+
 def _publish(model, tokenizer, work: Path, out: Path, meta: dict, config: dict, summary: dict) -> None:
     """Make `out` appear complete in one rename, then move the checkpoints into it.
 
@@ -297,7 +328,10 @@ def run(args, config) -> int:
 
     # Everything that can be wrong with the inputs is checked before any training.
     index = ItemIndex.load(args.index)
-    model, tokenizer, meta = load_model(args.model, index=index, for_training=True)
+    index.check_catalogue(data)
+    model, tokenizer, meta = load_model(
+        args.model, index=index, for_training=True, trust_remote_code=config["model"]["trust_remote_code"]
+    )
     style = meta["prompt_style"]
     targets = sft["targets"]
     if targets == "all" and style != "sequence":
@@ -399,7 +433,9 @@ def run(args, config) -> int:
 
         best = trainer.state.best_metric
         summary = {
-            "train_loss": result.training_loss,
+            "train_loss": overall_train_loss(
+                work / TRAINER_LOG, step_of(resume) if resume else 0, result.training_loss, trainer.state.global_step
+            ),
             "best_eval_loss": best,
             "global_step": trainer.state.global_step,
             "best_checkpoint_step": trainer.state.best_global_step,

@@ -118,12 +118,13 @@ def test_bad_requests_fail_before_decoding(base, tmp_path, no_decoding, capsys):
     empty = tmp_path / "data" / "tiny"
     empty.mkdir(parents=True)
     (empty / "test.csv").write_text((base["data"] / "test.csv").read_text().splitlines()[0] + "\n")
+    (empty / "info.txt").write_text((base["data"] / "info.txt").read_text())  # the same catalogue
     assert evaluate({**base, "data": empty}, out) == 2
     assert "has no rows" in capsys.readouterr().err
     other = tmp_path / "other_index"  # the index of a 13-item catalogue
     assert (
         main(["index", "--data", str(write_tiny_data(tmp_path / "other", n_items=13)), "--out", str(other), "-q"]) == 0
     )
-    assert evaluate({**base, "index": other}, out) == 2
+    assert evaluate({**base, "index": other, "data": tmp_path / "other"}, out) == 2  # data and index agree
     assert "does not match the index" in capsys.readouterr().err
     assert not out.exists()

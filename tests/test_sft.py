@@ -276,6 +276,7 @@ def test_bad_input_is_refused_before_training(title_base, sid_base, tmp_path, ca
     ]
     assert main([*args, "--out", str(out), *sets()]) == 2
     assert "does not match the index" in capsys.readouterr().err
+    (tmp_path / "info.txt").write_text((title_base["data"] / "info.txt").read_text())  # the index's catalogue
     args = ["sft", "--data", str(tmp_path), "--index", str(title_base["index"]), "--model", str(title_base["base"])]
     assert main([*args, "--out", str(out), *sets()]) == 2
     assert "train.csv does not exist" in capsys.readouterr().err

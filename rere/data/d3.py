@@ -3,7 +3,8 @@
 `d3`: an existing folder (`path`) with train/valid/test.csv and info.txt in the D3
 layout, imported as it is (its item ids, histories and row order are kept). Checks: every
 column, literal lists, equal-length history lists, every item id (target and history) in
-the catalogue, titles equal to the catalogue's, one asin per item id. With
+the catalogue, titles equal to the catalogue's (after `rere.io.clean_title`: a tab or line
+break in a title becomes a space, in info.txt and the CSVs alike), one asin per item id. With
 `missing_train: use_valid`, a folder without train.csv is imported with train = valid
 (logged, and recorded as `train_from: valid` in stats.json). Items never seen in a split
 get `asin: ""` in items.jsonl.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from rere import RereError
 from rere.data.splits import unique_titles
-from rere.io import SPLITS, read_catalogue, read_split
+from rere.io import SPLITS, clean_title, read_catalogue, read_split
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def import_d3(ds: dict) -> tuple[dict, list[dict], dict]:
                     raise RereError(
                         f"{where}: line {line}: item id {item_id} ({asin}) is not in {folder / 'info.txt'}."
                     )
-                if title != catalogue[item_id]:
+                if clean_title(title) != catalogue[item_id]:  # info.txt titles are cleaned when read
                     raise RereError(
                         f"{where}: line {line}: item {item_id} has title {title!r} here but {catalogue[item_id]!r} in info.txt."
                     )

@@ -16,6 +16,8 @@ and the two split protocols.
 - Unique titles: every item whose title is shared by another item becomes
   `f"{title} [{raw_id}]"` (all of them, not only the second), e.g. `Chasing Amy (1997) [246]`.
   This unique title is used in every file. If a suffixed title still collides, the run fails.
+- Titles: a tab or line break inside a title becomes a space (`rere.io.clean_title`) before
+  they are made unique.
 - Ratings are floats, timestamps integer seconds.
 """
 
@@ -27,7 +29,7 @@ from collections import Counter
 
 from rere import RereError
 from rere.data.corpus import Corpus, num_key
-from rere.io import SPLITS
+from rere.io import SPLITS, clean_title
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,11 @@ def split_leave_one_out(samples: list[tuple[int, int, dict]]) -> dict[str, list[
 
 def build_from_corpus(corpus: Corpus, ds: dict, seed: int, source: str) -> tuple[dict, list[dict], dict]:
     """Corpus -> (split rows, items.jsonl records, stats)."""
-    titles, renamed = unique_titles(corpus.titles)
+    cleaned = {raw: clean_title(t) for raw, t in corpus.titles.items()}
+    changed = sum(1 for raw, t in corpus.titles.items() if cleaned[raw] != t)
+    if changed:
+        log.info("%d titles had a tab or line break, now a space (info.txt holds one title per line)", changed)
+    titles, renamed = unique_titles(cleaned)
     if renamed:
         log.info(
             "%d items share a title with another item; appended their raw id, e.g. %r",

@@ -11,7 +11,7 @@ protocol (`leave_one_out` or `temporal`).
 
 Bad input raises RereError naming the file and line: a truncated gzip, a non-UTF-8 byte,
 a malformed JSON line or a missing field, a malformed MovieLens row, a d3 CSV with a
-missing column, or a history item that is not in the catalogue.
+missing column, a history item that is not in the catalogue, or an empty train or test split.
 """
 
 from __future__ import annotations
@@ -96,8 +96,31 @@ def add_arguments(parser) -> None:
     )
 
 
+def check_splits(name: str, ds: dict, splits: dict) -> None:
+    """Train and test must have rows: an empty one would pass `index` and `model` and fail
+    only at `sft` or `evaluate`. An empty valid split is only warned about: `rere sft`
+    refuses it before training, but baselines and RL without periodic evaluation do not
+    need it (and a toy source may leave it empty)."""
+    for split in SPLITS:
+        if splits[split]:
+            continue
+        if split == "valid":
+            log.warning("dataset %s: the valid split has no rows; `rere sft` will refuse this dataset", name)
+            continue
+        if ds["source"] == "d3":
+            where = Path(ds["path"]) / f"{split}.csv"
+            raise RereError(
+                f"{where}: the {split} split has no rows (a header only); fill the file or drop the dataset."
+            )
+        raise RereError(
+            f"dataset {name}: the {split} split has no rows after the {ds['split']} split; the source has too few "
+            "interactions per user: use a larger dataset (amazon: a lower k_core or a wider time window)."
+        )
+
+
 def run(args, config: dict) -> int:
     splits, items, stats = build(args.dataset, config, args.download_dir)
+    check_splits(args.dataset, dataset_config(config, args.dataset), splits)
     stats["dataset"] = args.dataset
     write_dataset(args.out, splits, items, stats, config)
     log.info("wrote %s: %s", args.out, json.dumps({k: stats[k] for k in ("users", "items", "interactions", "rows")}))

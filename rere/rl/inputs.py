@@ -47,7 +47,9 @@ def load_inputs(args, config) -> RLInputs:
     data, start = Path(args.data), Path(args.model)
     index = ItemIndex.load(args.index)
     index.check_catalogue(data)
-    model, tokenizer, meta = load_model(start, index=index, for_training=True)
+    model, tokenizer, meta = load_model(
+        start, index=index, for_training=True, trust_remote_code=config["model"]["trust_remote_code"]
+    )
     save_dtype = model.dtype
     if s.train_dtype == "float32":
         # float32 weights, gradients and AdamW states (bf16 compute with rl.bf16): in bf16, a step

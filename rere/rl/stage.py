@@ -107,7 +107,11 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
 
     s = inp.settings
     targs = grpo_args(
-        s, output_dir, config["seed"], max(len(x) for x in inp.item_seqs), bool(inp.meta.get("trust_remote_code"))
+        s,
+        output_dir,
+        config["seed"],
+        max(len(x) for x in inp.item_seqs),
+        bool(config["model"]["trust_remote_code"]),  # the config decides, never the folder
     )
     from rere.rl.trainer import ReReTrainer
 
