@@ -130,7 +130,8 @@ def test_adding_a_dataset_or_variant_adds_exactly_its_jobs(workdir):
         "baseline": 2,
     }
     (report,) = [j for j in more if j["rule"] == "report"]
-    assert len(report["input"]) == 2 * (1 + 3 + 2) + 2 * 3  # metrics of 6 methods, 3 RL runs, per dataset
+    # per dataset: metrics of 6 methods, 3 RL runs, and the data folder (stats.json)
+    assert len(report["input"]) == 2 * (1 + 3 + 2) + 2 * 3 + 2
     assert {j["output"][0] for j in new if j["rule"] == "rl"} == {
         "models/tiny2/rere",
         "models/tiny2/grpo",
