@@ -48,6 +48,8 @@ def beam_search(
     *,
     progress: bool = False,
     stats: dict | None = None,
+    shared_prefill: bool = True,
+    scoring: str = "allowed",
 ) -> Results:
     """Top `num_beams` catalogue items per prompt, best first: [[(item position, log-prob), ...], ...].
 
@@ -56,34 +58,61 @@ def beam_search(
     (see `stock_beam_search`): each step keeps the 2B best (beam, token) candidates, sends
     those among the first B that end with EOS to the finished pool and continues the B best
     unfinished ones; a prompt stops when no running beam can beat its B-th finished item.
-    The difference is the work: each prompt is run through the model once (b rows, not
-    b*B), then its KV cache is repeated to the B beams. Nothing is read from
-    `model.generation_config` (no sampling, no warpers, whatever the model's file says).
+    The difference is the work:
+
+    - shared prefill: each prompt is run through the model once (b rows, not b*B), then its
+      KV cache is repeated to the B beams (`SharedPromptLayer`);
+    - scoring "allowed": only the trie's allowed (beam, token) candidates are gathered and
+      ranked, so after the full-vocabulary log-softmax (which the scores need) the per-step
+      work grows with the allowed tokens, not with B x vocabulary. "dense" masks the whole
+      (b*B, V) table and ranks B x V entries per prompt, as stock does. Both rank the same
+      finite candidates with the same float values, so they return the same beams.
+
+    `shared_prefill=False` and `scoring="dense"` exist for `rere bench decode`, which times
+    each change on its own. Nothing is read from `model.generation_config` (no sampling,
+    no warpers, whatever the model's file says).
 
     `stats`, if given, accumulates seconds spent in "prefill_s", "decode_s" (forward passes
-    after the prefill), "mask_s" (trie masking) and the number of "steps".
+    after the prefill), "constraint_s" (applying the trie: masking, or gathering the
+    allowed candidates), "select_s" (ranking candidates: log-softmax and top-k) and the
+    number of "steps".
     """
     check_beams(trie, num_beams)
+    if scoring not in SCORINGS:
+        raise RereError(f"scoring must be one of {SCORINGS}, got {scoring!r}.")
     results: Results = []
     device = next(model.parameters()).device
     trie = trie.to(device)
     work = list(chunks(prompt_ids, batch_size))
     with eval_mode(model):
         for _, chunk in tqdm(work, desc="beam search", unit="batch", disable=not progress):
-            results.extend(_beam_search_batch(model, chunk, trie, num_beams, pad_token_id, device, stats))
+            results.extend(
+                _beam_search_batch(
+                    model, chunk, trie, num_beams, pad_token_id, device, stats, shared_prefill, scoring == "dense"
+                )
+            )
     return results
 
 
-def _beam_search_batch(model, prompts, trie: ItemTrie, num_beams: int, pad_token_id: int, device, stats) -> Results:
+SCORINGS = ("allowed", "dense")
+
+
+def _beam_search_batch(
+    model, prompts, trie: ItemTrie, num_beams: int, pad_token_id: int, device, stats, shared: bool, dense: bool
+) -> Results:
     timer = Timer(stats)
     b, beams, keep = len(prompts), num_beams, 2 * num_beams  # one EOS id: 2B candidates, as stock
     ids, mask = left_pad(prompts, pad_token_id, device)
+    if not shared:  # every beam its own copy of the prompt, as stock `generate` does
+        ids, mask = ids.repeat_interleave(beams, dim=0), mask.repeat_interleave(beams, dim=0)  # (b*B, T)
     with timer("prefill_s"):
-        logits, cache, last_pos = prefill(model, ids, mask)  # (b, V), cache of b rows, (b, 1)
+        logits, cache, last_pos = prefill(model, ids, mask)  # (b or b*B, V), its cache, (b or b*B, 1)
+    if not shared:
+        logits, last_pos = logits[::beams], last_pos[::beams]  # a prompt's rows are copies: (b, V), (b, 1)
     vocab = logits.shape[-1]
-    # Step 0 scores every beam from the one prompt row; beams 1.. start at -inf so only beam 0's
-    # candidates are real (stock starts them at -1e9: the same ranks among real candidates).
-    log_probs = torch.log_softmax(logits, dim=-1).repeat_interleave(beams, dim=0)  # (b*B, V)
+    # (b*B, V) logits and log-probs reused each step (allowed scoring): on CPU a fresh tensor of
+    # that size costs more in page faults than the arithmetic that fills it.
+    logits_buffer = log_probs_buffer = None
 
     running_scores = torch.full((b, beams), NEG_INF, device=device)
     running_scores[:, 0] = 0.0
@@ -95,21 +124,24 @@ def _beam_search_batch(model, prompts, trie: ItemTrie, num_beams: int, pad_token
     open_ = torch.ones((b, 1), dtype=torch.bool, device=device)  # can this prompt still improve?
     in_top_b = torch.arange(keep, device=device) < beams  # (2B,) only these may finish
     row_offset = torch.arange(b, device=device)[:, None] * beams  # (b, 1)
-    beam_mask = mask.repeat_interleave(beams, dim=0)  # (b*B, T)
+    beam_mask = mask if not shared else mask.repeat_interleave(beams, dim=0)  # (b*B, T)
     beam_pos = last_pos.repeat_interleave(beams, dim=0)  # (b*B, 1)
 
     for t in range(trie.max_depth):
         if t > 0:
             beam_mask = torch.cat([beam_mask, beam_mask.new_ones((b * beams, 1))], dim=1)  # (b*B, T+t)
             with timer("decode_s"):
-                logits = decode_step(model, next_tokens.reshape(-1), beam_mask, beam_pos + t, cache)  # (b*B, V)
-            log_probs = torch.log_softmax(logits, dim=-1)
-        with timer("mask_s"):
-            trie.mask_(log_probs, running_nodes.reshape(-1))  # (b*B, V)
-        scores = log_probs.view(b, beams, vocab) + running_scores[:, :, None]  # (b, B, V)
-        top_scores, top_idx = torch.topk(scores.view(b, beams * vocab), keep)  # (b, 2B)
-        source = top_idx // vocab  # (b, 2B) beam each candidate extends
-        tokens = top_idx % vocab  # (b, 2B)
+                tokens = next_tokens.reshape(-1)  # (b*B,)
+                logits = decode_step(model, tokens, beam_mask, beam_pos + t, cache, out=logits_buffer)  # (b*B, V)
+        if dense:
+            top_scores, source, tokens = _dense_candidates(logits, running_scores, running_nodes, trie, keep, timer)
+        else:
+            if log_probs_buffer is None:
+                logits_buffer = logits.new_empty((b * beams, vocab))
+                log_probs_buffer = logits.new_empty((b * beams, vocab))
+            top_scores, source, tokens = _allowed_candidates(
+                logits, running_scores, running_nodes, trie, keep, timer, log_probs_buffer
+            )
         children = trie.step(running_nodes.gather(1, source).view(-1), tokens.view(-1)).view(b, keep)  # (b, 2B)
         if t == trie.max_depth - 1:
             ends = torch.ones_like(tokens, dtype=torch.bool)  # stock's max_length criterion
@@ -139,14 +171,70 @@ def _beam_search_batch(model, prompts, trie: ItemTrie, num_beams: int, pad_token
         open_ = open_ & (running_scores[:, :1] > worst).any(dim=1, keepdim=True)
         if not open_.any() or ends.all():
             break
-        if t == 0:
+        if t == 0 and shared:
             expand_cache(cache, beams, trie.max_depth)  # every beam of a prompt shares its prompt cache
-        else:
+        else:  # (at t = 0 a prompt's rows are still copies of each other: any order is the same)
             cache.reorder_cache((origin + row_offset).view(-1))  # (b*B,)
 
     if stats is not None:
         stats["steps"] = stats.get("steps", 0) + t + 1
     return collect(finished, finished_items, finished_scores, num_beams)
+
+
+def _dense_candidates(logits, running_scores, running_nodes, trie: ItemTrie, keep: int, timer):
+    """The 2B best (score, beam, token) per prompt from the masked (b, B x V) table, as stock.
+
+    logits (b, V) at step 0 (one row per prompt: its beams are copies), else (b*B, V)."""
+    b, beams = running_scores.shape
+    vocab = logits.shape[-1]
+    with timer("select_s"):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if len(logits) == b:  # step 0: beams 1.. start at -inf, so only beam 0's candidates are real
+            log_probs = log_probs.repeat_interleave(beams, dim=0)  # (b*B, V)
+    with timer("constraint_s"):
+        trie.mask_(log_probs, running_nodes.reshape(-1))  # (b*B, V)
+    with timer("select_s"):
+        scores = log_probs.view(b, beams, vocab) + running_scores[:, :, None]  # (b, B, V)
+        top_scores, top_idx = torch.topk(scores.view(b, beams * vocab), keep)  # (b, 2B)
+    return top_scores, top_idx // vocab, top_idx % vocab  # (b, 2B) score, beam it extends, token
+
+
+def _allowed_candidates(logits, running_scores, running_nodes, trie: ItemTrie, keep: int, timer, buffer):
+    """The 2B best (score, beam, token) per prompt among the trie's allowed candidates only.
+
+    The same float values as `_dense_candidates` (full-vocabulary log-softmax, then + the
+    beam's running score), so the same finite candidates rank first. logits (b, V) at step 0
+    (only beam 0 is real: the others would add -inf), else (b*B, V)."""
+    b, beams = running_scores.shape
+    rows = len(logits) // b  # R: 1 at step 0, else B
+    with timer("select_s"):
+        log_probs = torch.log_softmax(logits, dim=-1, out=buffer[: len(logits)])  # (b*R, V)
+    with timer("constraint_s"):
+        nodes = running_nodes[:, :rows].reshape(-1)  # (b*R,)
+        running = running_scores[:, :rows].reshape(-1)  # (b*R,)
+        narrow, narrow_tokens, wide_rows, wide_tokens, wide_scores = trie.children_scores(log_probs, nodes)
+        k = narrow.shape[1]
+        narrow = (narrow + running[:, None]).view(b, rows * k)  # (b, R*K)
+        narrow_tokens = narrow_tokens.view(b, rows * k)
+        narrow_source = torch.arange(rows, device=logits.device).repeat_interleave(k).expand(b, -1)  # (b, R*K)
+        # Rows at wide nodes: their entries packed per prompt into (b, W), W the most of any prompt.
+        prompt = wide_rows // rows  # (S,)
+        counts = torch.bincount(prompt, minlength=b)  # (b,)
+        width = int(counts.max()) if len(prompt) else 0
+        width = max(width, keep - rows * k)  # at least 2B candidates in all (tiny catalogues)
+        slot = torch.arange(len(prompt), device=logits.device) - (torch.cumsum(counts, 0) - counts)[prompt]  # (S,)
+        wide = narrow.new_full((b, width), NEG_INF)  # (b, W)
+        wide[prompt, slot] = wide_scores + running[wide_rows]
+        wide_token = narrow_tokens.new_full((b, width), trie.eos_token_id)
+        wide_token[prompt, slot] = wide_tokens
+        wide_source = narrow_source.new_zeros((b, width))
+        wide_source[prompt, slot] = wide_rows % rows
+        candidates = torch.cat([narrow, wide], dim=1)  # (b, R*K + W)
+    with timer("select_s"):
+        top_scores, at = torch.topk(candidates, keep)  # (b, 2B)
+    source = torch.cat([narrow_source, wide_source], dim=1).gather(1, at)  # (b, 2B)
+    tokens = torch.cat([narrow_tokens, wide_token], dim=1).gather(1, at)  # (b, 2B)
+    return top_scores, source, tokens
 
 
 def collect(finished: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, num_beams: int) -> Results:
