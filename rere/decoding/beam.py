@@ -74,8 +74,9 @@ def beam_search(
 
     `stats`, if given, accumulates seconds spent in "prefill_s", "decode_s" (forward passes
     after the prefill), "constraint_s" (applying the trie: masking, or gathering the
-    allowed candidates), "select_s" (ranking candidates: log-softmax and top-k) and the
-    number of "steps".
+    allowed candidates), "select_s" (ranking candidates: log-softmax and top-k), the number
+    of "steps", and "beam_rows" / "scored_rows" (beams per step, and those whose next-token
+    scores were computed, summed over steps).
     """
     check_beams(trie, num_beams)
     if scoring not in SCORINGS:
@@ -130,9 +131,17 @@ def _beam_search_batch(
     for t in range(trie.max_depth):
         if t > 0:
             beam_mask = torch.cat([beam_mask, beam_mask.new_ones((b * beams, 1))], dim=1)  # (b*B, T+t)
+            # Allowed scoring skips the output layer for beams that can no longer reach the
+            # finished pool (see `_live_beams`); every beam still goes through the decoder.
+            rows = None if dense else _live_beams(running_scores, finished, finished_scores, open_)  # (L,)
             with timer("decode_s"):
                 tokens = next_tokens.reshape(-1)  # (b*B,)
-                logits = decode_step(model, tokens, beam_mask, beam_pos + t, cache, out=logits_buffer)  # (b*B, V)
+                logits = decode_step(model, tokens, beam_mask, beam_pos + t, cache, logits_buffer, rows)  # (L, V)
+        else:
+            rows = torch.arange(b, device=device) * beams  # step 0: beam 0 of each prompt, (b,)
+        if stats is not None:
+            stats["beam_rows"] = stats.get("beam_rows", 0) + b * beams
+            stats["scored_rows"] = stats.get("scored_rows", 0) + (b * beams if rows is None else len(rows))
         if dense:
             top_scores, source, tokens = _dense_candidates(logits, running_scores, running_nodes, trie, keep, timer)
         else:
@@ -140,7 +149,7 @@ def _beam_search_batch(
                 logits_buffer = logits.new_empty((b * beams, vocab))
                 log_probs_buffer = logits.new_empty((b * beams, vocab))
             top_scores, source, tokens = _allowed_candidates(
-                logits, running_scores, running_nodes, trie, keep, timer, log_probs_buffer
+                logits, rows, running_scores, running_nodes, trie, keep, timer, log_probs_buffer
             )
         children = trie.step(running_nodes.gather(1, source).view(-1), tokens.view(-1)).view(b, keep)  # (b, 2B)
         if t == trie.max_depth - 1:
@@ -199,42 +208,60 @@ def _dense_candidates(logits, running_scores, running_nodes, trie: ItemTrie, kee
     return top_scores, top_idx // vocab, top_idx % vocab  # (b, 2B) score, beam it extends, token
 
 
-def _allowed_candidates(logits, running_scores, running_nodes, trie: ItemTrie, keep: int, timer, buffer):
-    """The 2B best (score, beam, token) per prompt among the trie's allowed candidates only.
+def _live_beams(running_scores, finished, finished_scores, open_) -> torch.Tensor:
+    """Flat indices (L,) of the beams whose descendants can still enter the finished pool.
 
-    The same float values as `_dense_candidates` (full-vocabulary log-softmax, then + the
-    beam's running score), so the same finite candidates rank first. logits (b, V) at step 0
-    (only beam 0 is real: the others would add -inf), else (b*B, V)."""
+    Scores only fall with length, so a beam scoring below the worst of a full pool (B finished
+    items), or at or below BEAM_PENALTY (an ended beam kept running, or -inf), or of a prompt
+    that stopped, only ever makes candidates that rank below every candidate that can still
+    finish. Dropping them leaves those candidates, and their places among the 2B kept, as
+    they were: the finished pool, hence the returned beams, is unchanged.
+    """
+    full = finished.all(dim=1, keepdim=True)  # (b, 1)
+    floor = torch.where(full, finished_scores.min(dim=1, keepdim=True).values, BEAM_PENALTY)  # (b, 1)
+    live = open_ & (running_scores > floor)  # (b, B)
+    return live.view(-1).nonzero().squeeze(1)  # (L,) one host sync
+
+
+def _allowed_candidates(logits, rows, running_scores, running_nodes, trie: ItemTrie, keep: int, timer, buffer):
+    """The 2B best (score, beam, token) per prompt among the allowed candidates of beams `rows`.
+
+    logits (L, V) of the flat beams rows (L,) (prompt * B + beam); the other beams make no
+    candidates (at step 0 only beam 0 is real: the others start at -inf). The same float
+    values as `_dense_candidates` (full-vocabulary log-softmax, then + the beam's running
+    score), so the same finite candidates rank first."""
     b, beams = running_scores.shape
-    rows = len(logits) // b  # R: 1 at step 0, else B
+    device = logits.device
     with timer("select_s"):
-        log_probs = torch.log_softmax(logits, dim=-1, out=buffer[: len(logits)])  # (b*R, V)
+        log_probs = torch.log_softmax(logits, dim=-1, out=buffer[: len(logits)])  # (L, V)
     with timer("constraint_s"):
-        nodes = running_nodes[:, :rows].reshape(-1)  # (b*R,)
-        running = running_scores[:, :rows].reshape(-1)  # (b*R,)
-        narrow, narrow_tokens, wide_rows, wide_tokens, wide_scores = trie.children_scores(log_probs, nodes)
+        nodes = running_nodes.view(-1)[rows]  # (L,)
+        running = running_scores.view(-1)[rows]  # (L,)
+        narrow, narrow_tokens, wide_at, wide_tokens, wide_scores = trie.children_scores(log_probs, nodes)
         k = narrow.shape[1]
-        narrow = (narrow + running[:, None]).view(b, rows * k)  # (b, R*K)
-        narrow_tokens = narrow_tokens.view(b, rows * k)
-        narrow_source = torch.arange(rows, device=logits.device).repeat_interleave(k).expand(b, -1)  # (b, R*K)
-        # Rows at wide nodes: their entries packed per prompt into (b, W), W the most of any prompt.
-        prompt = wide_rows // rows  # (S,)
-        counts = torch.bincount(prompt, minlength=b)  # (b,)
-        width = int(counts.max()) if len(prompt) else 0
-        width = max(width, keep - rows * k)  # at least 2B candidates in all (tiny catalogues)
-        slot = torch.arange(len(prompt), device=logits.device) - (torch.cumsum(counts, 0) - counts)[prompt]  # (S,)
-        wide = narrow.new_full((b, width), NEG_INF)  # (b, W)
-        wide[prompt, slot] = wide_scores + running[wide_rows]
-        wide_token = narrow_tokens.new_full((b, width), trie.eos_token_id)
-        wide_token[prompt, slot] = wide_tokens
-        wide_source = narrow_source.new_zeros((b, width))
-        wide_source[prompt, slot] = wide_rows % rows
-        candidates = torch.cat([narrow, wide], dim=1)  # (b, R*K + W)
+        # Every candidate as a flat entry: the narrow tables (L*K, unused slots at -inf), then the
+        # rows at wide nodes (S); packed per prompt into (b, W), W the most any prompt has.
+        beam = torch.cat([rows.repeat_interleave(k), rows[wide_at]])  # (L*K + S,) flat beam
+        score = torch.cat([(narrow + running[:, None]).view(-1), wide_scores + running[wide_at]])
+        token = torch.cat([narrow_tokens.reshape(-1), wide_tokens])
+        prompt = beam // beams  # (E,) grouped by prompt within each part (rows are sorted)
+        n = len(rows) * k
+        narrow_counts = torch.bincount(prompt[:n], minlength=b)  # (b,)
+        wide_counts = torch.bincount(prompt[n:], minlength=b)  # (b,)
+        counts = narrow_counts + wide_counts
+        slot = torch.arange(len(beam), device=device)  # (E,) -> place within its prompt's row
+        slot[:n] -= (torch.cumsum(narrow_counts, 0) - narrow_counts)[prompt[:n]]
+        slot[n:] += narrow_counts[prompt[n:]] - n - (torch.cumsum(wide_counts, 0) - wide_counts)[prompt[n:]]
+        width = max(int(counts.max()), keep)  # at least 2B (tiny catalogues, stopped prompts)
+        candidates = score.new_full((b, width), NEG_INF)  # (b, W)
+        candidates[prompt, slot] = score
+        cand_beam = torch.zeros((b, width), dtype=torch.long, device=device)
+        cand_beam[prompt, slot] = beam % beams
+        cand_token = torch.full((b, width), trie.eos_token_id, dtype=torch.long, device=device)
+        cand_token[prompt, slot] = token
     with timer("select_s"):
         top_scores, at = torch.topk(candidates, keep)  # (b, 2B)
-    source = torch.cat([narrow_source, wide_source], dim=1).gather(1, at)  # (b, 2B)
-    tokens = torch.cat([narrow_tokens, wide_token], dim=1).gather(1, at)  # (b, 2B)
-    return top_scores, source, tokens
+    return top_scores, cand_beam.gather(1, at), cand_token.gather(1, at)  # (b, 2B) score, beam, token
 
 
 def collect(finished: torch.Tensor, items: torch.Tensor, scores: torch.Tensor, num_beams: int) -> Results:

@@ -134,23 +134,33 @@ def expand_cache(cache: DynamicCache, repeats: int, capacity: int) -> None:
 
 
 def decode_step(
-    model, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, out: torch.Tensor | None = None
+    model,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feed one token per row: tokens (N,), mask (N, T+t+1), positions (N, 1) -> logits (N, V).
+    """Feed one token per row: tokens (N,), mask (N, T+t+1), positions (N, 1) -> logits (N, V),
+    or with `rows` (R,) only those rows' logits, (R, V) (every row still updates the cache).
 
     With `out` (at least (N, V), float32), the logits are written into it when the model's
     logits are exactly its output layer applied to its decoder's last hidden state (checked
     once per model, `plain_head`): on CPU a fresh (N, V) tensor per step costs more in page
-    faults than the matrix product that fills it. Otherwise `out` is ignored.
+    faults than the matrix product that fills it, and the rows not asked for are not computed.
+    Otherwise `out` is ignored.
     """
     kwargs = {"attention_mask": mask, "position_ids": positions, "cache": cache, "use_cache": True}
     head = plain_head(model) if out is not None else None
     if head is not None:
         decoder, linear = head
         hidden = decoder(input_ids=tokens[:, None], **kwargs).last_hidden_state[:, -1, :]  # (N, H)
-        return _project(hidden, linear, out[: len(tokens)])
-    out = model(input_ids=tokens[:, None], **kwargs)  # input_ids (N, 1)
-    return out.logits[:, -1, :].float()
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)  # (R, H)
+        return _project(hidden, linear, out[: len(hidden)])
+    logits = model(input_ids=tokens[:, None], **kwargs).logits[:, -1, :].float()  # input_ids (N, 1) -> (N, V)
+    return logits if rows is None else logits.index_select(0, rows)
 
 
 def _project(hidden: torch.Tensor, linear: torch.nn.Linear, out: torch.Tensor) -> torch.Tensor:
