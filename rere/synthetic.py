@@ -149,4 +149,14 @@ def build_setup(args: argparse.Namespace, seed: int) -> dict:
         bos_token_id=None,
     )
     model = Qwen2ForCausalLM(config).eval()
-    return {"seqs": seqs, "prompts": prompts, "trie": trie, "model": model, "pad_id": pad_id, "eos_id": eos_id}
+    return {
+        "seqs": seqs,
+        "prompts": prompts,
+        "trie": trie,
+        "model": model,
+        "pad_id": pad_id,
+        "eos_id": eos_id,
+        "tokenizer": tokenizer,  # tokenizers.Tokenizer (the BPE's own ids, before any spreading)
+        "titles": titles,
+        "histories": histories,
+    }

@@ -217,9 +217,9 @@ def test_beam_search_equals_stock_generate(catalogue, arch, seed):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("max_sparse_children", [1, 4, 16])
 def test_every_beam_search_variant_equals_stock(catalogue, arch, max_sparse_children):
-    """The benchmark's rows: with or without the shared prefill, dense or allowed-only scoring
-    (which also skips the output layer for beams that can no longer finish), the same beams as
-    stock generate. Narrow tries make most nodes wide (the CSR path)."""
+    """The benchmark's rows: with or without the shared prefill, dense, allowed-only or live
+    scoring (allowed-only, skipping the output layer for beams that can no longer finish), the
+    same beams as stock generate. Narrow tries make most nodes wide (the CSR path)."""
     trie = ItemTrie.from_sequences(catalogue["seqs"], catalogue["vocab"], max_sparse_children=max_sparse_children)
     if max_sparse_children < 16:
         assert trie.wide.any()
@@ -229,9 +229,11 @@ def test_every_beam_search_variant_equals_stock(catalogue, arch, max_sparse_chil
     for shared in (True, False):
         dense = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="dense")
         allowed = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="allowed")
-        assert [[i for i, _ in row] for row in allowed] == [[i for i, _ in row] for row in dense]
-        assert_same_beams(allowed, dense)  # a matrix product over fewer rows: last-bit differences
-        assert_same_beams(allowed, stock)
+        live = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="live")
+        assert allowed == dense  # the very same float values are ranked
+        assert [[i for i, _ in row] for row in live] == [[i for i, _ in row] for row in dense]
+        assert_same_beams(live, dense)  # a matrix product over fewer rows: last-bit differences
+        assert_same_beams(live, stock)
     with pytest.raises(RereError, match="scoring must be one of"):
         beam_search(model, prompts, trie, 6, pad, scoring="sparse")
 
@@ -241,7 +243,10 @@ def test_allowed_scoring_pads_when_the_trie_has_fewer_than_2b_candidates():
     trie = ItemTrie.from_sequences([[5, 2], [6, 7, 2], [6, 8, 2]], vocab_size=16, max_sparse_children=1)
     model = tiny_model("qwen2", 16, 2)
     prompts = [[3, 4], [9, 9, 9]]
-    ours = beam_search(model, prompts, trie, 3, 0, scoring="allowed")
+    ours = beam_search(model, prompts, trie, 3, 0)
+    assert beam_search(model, prompts, trie, 3, 0, scoring="allowed") == beam_search(
+        model, prompts, trie, 3, 0, scoring="dense"
+    )
     assert_same_beams(ours, beam_search(model, prompts, trie, 3, 0, scoring="dense"))
     assert_same_beams(ours, stock_beam_search(model, prompts, trie, 3, 0))
     assert all(sorted(i for i, _ in row) == [0, 1, 2] for row in ours)

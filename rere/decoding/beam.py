@@ -49,7 +49,7 @@ def beam_search(
     progress: bool = False,
     stats: dict | None = None,
     shared_prefill: bool = True,
-    scoring: str = "allowed",
+    scoring: str = "live",
 ) -> Results:
     """Top `num_beams` catalogue items per prompt, best first: [[(item position, log-prob), ...], ...].
 
@@ -62,13 +62,16 @@ def beam_search(
 
     - shared prefill: each prompt is run through the model once (b rows, not b*B), then its
       KV cache is repeated to the B beams (`SharedPromptLayer`);
-    - scoring "allowed": only the trie's allowed (beam, token) candidates are gathered and
-      ranked, so after the full-vocabulary log-softmax (which the scores need) the per-step
-      work grows with the allowed tokens, not with B x vocabulary. "dense" masks the whole
-      (b*B, V) table and ranks B x V entries per prompt, as stock does. Both rank the same
-      finite candidates with the same float values, so they return the same beams.
+    - scoring "live" (the default): the output layer and log-softmax run only for the beams
+      that can still reach the finished pool (`_live_beams`), and only the trie's allowed
+      (beam, token) candidates are gathered and ranked, so after the full-vocabulary
+      log-softmax (which the scores need) the per-step work grows with the allowed tokens,
+      not with B x vocabulary. "allowed": the same for every beam. "dense" masks the whole
+      (b*B, V) table and ranks B x V entries per prompt, as stock does. All three rank the
+      same finite candidates, so they return the same beams (scores equal up to the last
+      bits of a matrix product over fewer rows).
 
-    `shared_prefill=False` and `scoring="dense"` exist for `rere bench decode`, which times
+    `shared_prefill=False` and the other scorings exist for `rere bench decode`, which times
     each change on its own. Nothing is read from `model.generation_config` (no sampling,
     no warpers, whatever the model's file says).
 
@@ -88,19 +91,18 @@ def beam_search(
     with eval_mode(model):
         for _, chunk in tqdm(work, desc="beam search", unit="batch", disable=not progress):
             results.extend(
-                _beam_search_batch(
-                    model, chunk, trie, num_beams, pad_token_id, device, stats, shared_prefill, scoring == "dense"
-                )
+                _beam_search_batch(model, chunk, trie, num_beams, pad_token_id, device, stats, shared_prefill, scoring)
             )
     return results
 
 
-SCORINGS = ("allowed", "dense")
+SCORINGS = ("live", "allowed", "dense")
 
 
 def _beam_search_batch(
-    model, prompts, trie: ItemTrie, num_beams: int, pad_token_id: int, device, stats, shared: bool, dense: bool
+    model, prompts, trie: ItemTrie, num_beams: int, pad_token_id: int, device, stats, shared: bool, scoring: str
 ) -> Results:
+    dense = scoring == "dense"
     timer = Timer(stats)
     b, beams, keep = len(prompts), num_beams, 2 * num_beams  # one EOS id: 2B candidates, as stock
     ids, mask = left_pad(prompts, pad_token_id, device)
@@ -131,9 +133,11 @@ def _beam_search_batch(
     for t in range(trie.max_depth):
         if t > 0:
             beam_mask = torch.cat([beam_mask, beam_mask.new_ones((b * beams, 1))], dim=1)  # (b*B, T+t)
-            # Allowed scoring skips the output layer for beams that can no longer reach the
-            # finished pool (see `_live_beams`); every beam still goes through the decoder.
-            rows = None if dense else _live_beams(running_scores, finished, finished_scores, open_)  # (L,)
+            # "live" skips the output layer for beams that can no longer reach the finished
+            # pool (see `_live_beams`); every beam still goes through the decoder.
+            rows = _live_beams(running_scores, finished, finished_scores, open_) if scoring == "live" else None
+            if scoring == "allowed":
+                rows = torch.arange(b * beams, device=device)  # (b*B,)
             with timer("decode_s"):
                 tokens = next_tokens.reshape(-1)  # (b*B,)
                 logits = decode_step(model, tokens, beam_mask, beam_pos + t, cache, logits_buffer, rows)  # (L, V)
