@@ -150,6 +150,7 @@ class Row:
     constraint_s: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)  # CUDA: per repeat; CPU: one child process
+    scored_share: list[float] = field(default_factory=list)  # beam-steps whose next-token scores were computed
     results: list | None = None
 
 
@@ -210,6 +211,8 @@ def bench_decode(args: argparse.Namespace, config: dict) -> int:
             row.constraint_s.append(stats.get("constraint_s", math.nan))
             row.steps.append(stats.get("steps", 0))
             row.peak_mib.append(peak)
+            if stats.get("beam_rows"):
+                row.scored_share.append(stats["scored_rows"] / stats["beam_rows"])
             if row.results is None:
                 row.results = results
             elif [[i for i, _ in x] for x in results] != [[i for i, _ in x] for x in row.results]:
@@ -257,6 +260,7 @@ def _figures(args: argparse.Namespace, setup: dict, rows: list[Row]) -> dict:
                 "constraint_share_of_step": spread(share),
                 "steps_per_batch": spread([s / math.ceil(n / args.batch_size) for s in row.steps]),
                 "peak_mib": spread(row.peak_mib),
+                "scored_beam_share": spread(row.scored_share),
                 "identical_prompts_vs_row1": same,
                 "max_score_diff_vs_rere": max(diffs) if diffs else math.nan,
             }
@@ -312,13 +316,13 @@ def _print(f: dict) -> None:
         f"beams, {f['batch_size']} per call, {f['model']}, vocab {f['vocab']} (BPE {f['bpe_vocab']})"
     )
     header = (
-        f"{'':3}{'variant':38} {'s per prompt':>20} {'speed-up vs 1':>16} {'step ms (median)':>16} "
+        f"{'':3}{'variant':44} {'s per prompt':>20} {'speed-up vs 1':>16} {'step ms (median)':>16} "
         f"{'constraint ms/step':>20} {'share %':>7} {'peak MiB':>9} {'beams = 1':>9}"
     )
     print(header)
     for k, row in enumerate(f["rows"], 1):
         print(
-            f"{k:<3}{row['label']:38} {_fmt(row['s_per_prompt'], digits=3):>20} {_fmt(row['speedup_vs_row1'], digits=1):>16} "
+            f"{k:<3}{row['label']:44} {_fmt(row['s_per_prompt'], digits=3):>20} {_fmt(row['speedup_vs_row1'], digits=1):>16} "
             f"{row['step_ms']['median']:16.1f} {_fmt(row['constraint_ms_per_step']):>20} "
             f"{100 * row['constraint_share_of_step']['median']:7.2f} {row['peak_mib']['median']:9.0f} "
             f"{row['identical_prompts_vs_row1']:>4}/{f['prompts']:<4}"
@@ -326,12 +330,17 @@ def _print(f: dict) -> None:
     scored = [
         r["max_score_diff_vs_rere"] for r in f["rows"] if r["max_score_diff_vs_rere"] == r["max_score_diff_vs_rere"]
     ]
+    live = f["rows"][-1]["scored_beam_share"]["median"]
     verdict = "yes" if all(r["identical_prompts_vs_row1"] == f["prompts"] for r in f["rows"]) else "NO"
     print(
         f"identical beams (items, every row vs row 1): {verdict}; largest score difference between the scored rows "
         f"(ours): {max(scored):.2e}. Stock rows run without output_scores (no scores); a step is one decoding "
         "step of a whole batch; share = constraint time / (run time - prefill)."
     )
+    if live == live:
+        print(
+            f"row {len(f['rows'])} computed next-token scores for {100 * live:.0f}% of the beam-steps (the live beams)."
+        )
 
 
 # Peak memory of one variant, in a child process (see the module docstring).
