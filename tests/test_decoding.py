@@ -1,5 +1,5 @@
 """Constrained decoding: trie tables against brute force, the stateless processor, beam search
-equal to stock `generate`, sampling, and a smoke run of `rere bench decode`.
+equal to stock `generate` (every variant the benchmark times), and sampling.
 
 Tiny random Qwen2, Llama and GPT-2 models are built from config; the catalogue is synthetic
 titles tokenized by a byte-level BPE trained here with the `tokenizers` library.
@@ -7,11 +7,8 @@ titles tokenized by a byte-level BPE trained here with the `tokenizers` library.
 
 import doctest
 import functools
-import json
 import math
 import random
-import sys
-import types
 from collections import Counter
 
 import pytest
@@ -20,7 +17,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.cache_utils import DynamicLayer
 
 from rere import RereError
-from rere.cli import main
 from rere.decoding import (
     ItemTrie,
     PrefixIndex,
@@ -421,26 +417,3 @@ def test_sample_follows_the_constrained_distribution():
     counts = Counter(i for i, _ in draws)
     for item in range(3):
         assert counts[item] / 4000 == pytest.approx(expected[item], abs=0.03)
-
-
-def test_bench_decode_smoke(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["bench", "decode", "--items", "60", "--prompts", "2", "--beams", "3", "--history", "2"]
-    argv += ["--hidden-size", "32", "--layers", "1", "--vocab-size", "700", "--out", str(out), "-q"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "(c) identical beams: yes" in printed and "speed-up" in printed
-    figures = json.loads(out.read_text())
-    assert figures["items"] == 60 and figures["identical_prompts_vs_baseline"] == 2
-    assert figures["processor_ms_per_step_trie"] > 0 and figures["s_per_prompt_baseline"] > 0
-    assert main(["bench", "decode", "--items", "2", "--beams", "3", "-q"]) == 2  # RereError, no traceback
-    assert "larger than --items" in capsys.readouterr().err
-
-
-def test_bench_rl_dispatches_to_rere_bench_rl(monkeypatch):
-    calls = []
-    fake = types.ModuleType("rere.bench.rl")
-    fake.bench_rl = lambda args, config: calls.append((args.which, args.prompts, args.beams, args.items)) or 0
-    monkeypatch.setitem(sys.modules, "rere.bench.rl", fake)
-    assert main(["bench", "rl", "--prompts", "4", "--beams", "8", "--items", "100", "-q"]) == 0
-    assert calls == [("rl", 4, 8, 100)]
