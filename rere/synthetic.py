@@ -1,13 +1,19 @@
 """A synthetic catalogue for benchmarks and tests: product-like titles, a byte-level BPE
 tokenizer trained on them, prompts of purchase histories, the item trie and a random Qwen2.
 
-Nothing is downloaded; everything follows from the seed.
+A BPE trained on a few thousand titles stops far below a Qwen2.5-sized vocabulary (151,936:
+the corpus has too few distinct pairs to merge), so for paper-shaped benchmarks the trained
+ids are spread over a larger model vocabulary by a seeded random injection (`model_vocab`):
+the trie keeps the shape BPE gives the titles (shared brand and word prefixes, ~20 tokens per
+title at a small BPE), while every vocabulary-sized tensor (logits, masks, top-k) has the
+paper's width. Nothing is downloaded; everything follows from the seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Sequence
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -82,8 +88,32 @@ def completion_text(title: str) -> str:
     return f'"{title}"\n'
 
 
+def spread_ids(trained: int, model_vocab: int, keep: Sequence[int], seed: int) -> torch.Tensor:
+    """(trained,) new id of each trained token id: a seeded injection into [0, model_vocab), with
+    the ids in `keep` (pad, EOS) mapped to themselves.
+
+    >>> new = spread_ids(300, 151_936, keep=[0, 1], seed=0)
+    >>> new[:2].tolist(), len(set(new.tolist())), int(new.max()) < 151_936
+    ([0, 1], 300, True)
+    """
+    if model_vocab < trained:
+        raise ValueError(f"model_vocab {model_vocab} is smaller than the trained vocabulary {trained}")
+    keep = sorted(set(keep))
+    others = torch.tensor([i for i in range(model_vocab) if i not in keep])
+    pick = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[: trained - len(keep)]]
+    new = torch.empty(trained, dtype=torch.long)
+    new[keep] = torch.tensor(keep)
+    rest = torch.tensor([i for i in range(trained) if i not in keep], dtype=torch.long)
+    new[rest] = pick
+    return new
+
+
 def build_setup(args: argparse.Namespace, seed: int) -> dict:
-    """Catalogue, tokenizer, trie, prompts and model, all from `seed`."""
+    """Catalogue, tokenizer, trie, prompts and model, all from `seed`.
+
+    `args`: items, prompts, history, vocab_size (BPE), hidden_size, layers, and optionally
+    model_vocab (spread the BPE's ids over a vocabulary this wide; None: the BPE's own size).
+    """
     rng = random.Random(seed)
     titles = synthetic_titles(args.items, rng)
     histories = [rng.sample(range(len(titles)), args.history) for _ in range(args.prompts)]
@@ -93,6 +123,12 @@ def build_setup(args: argparse.Namespace, seed: int) -> dict:
     vocab = tokenizer.get_vocab_size()
     seqs = [enc.ids + [eos_id] for enc in tokenizer.encode_batch([completion_text(t) for t in titles])]
     prompts = [enc.ids for enc in tokenizer.encode_batch([prompt_text([titles[i] for i in h]) for h in histories])]
+    model_vocab = getattr(args, "model_vocab", None)
+    if model_vocab:
+        new = spread_ids(vocab, model_vocab, keep=[pad_id, eos_id], seed=seed).tolist()
+        seqs = [[new[t] for t in s] for s in seqs]
+        prompts = [[new[t] for t in p] for p in prompts]
+        vocab = model_vocab
     trie = ItemTrie.from_sequences(seqs, vocab)
     torch.manual_seed(seed)
     heads = max(1, args.hidden_size // 64)
@@ -113,4 +149,14 @@ def build_setup(args: argparse.Namespace, seed: int) -> dict:
         bos_token_id=None,
     )
     model = Qwen2ForCausalLM(config).eval()
-    return {"seqs": seqs, "prompts": prompts, "trie": trie, "model": model, "pad_id": pad_id, "eos_id": eos_id}
+    return {
+        "seqs": seqs,
+        "prompts": prompts,
+        "trie": trie,
+        "model": model,
+        "pad_id": pad_id,
+        "eos_id": eos_id,
+        "tokenizer": tokenizer,  # tokenizers.Tokenizer (the BPE's own ids, before any spreading)
+        "titles": titles,
+        "histories": histories,
+    }

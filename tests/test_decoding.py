@@ -1,15 +1,14 @@
 """Constrained decoding: trie tables against brute force, the stateless processor, beam search
-equal to stock `generate`, sampling, and a smoke run of `rere bench decode`.
+equal to stock `generate` (every variant the benchmark times), and sampling.
 
 Tiny random Qwen2, Llama and GPT-2 models are built from config; the catalogue is synthetic
 titles tokenized by a byte-level BPE trained here with the `tokenizers` library.
 """
 
-import json
+import doctest
+import functools
 import math
 import random
-import sys
-import types
 from collections import Counter
 
 import pytest
@@ -18,7 +17,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.cache_utils import DynamicLayer
 
 from rere import RereError
-from rere.cli import main
 from rere.decoding import (
     ItemTrie,
     PrefixIndex,
@@ -212,6 +210,89 @@ def test_beam_search_equals_stock_generate(catalogue, arch, seed):
     assert_same_beams(beam_search(*args, batch_size=3), stock_beam_search(*args, batch_size=4))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("max_sparse_children", [1, 4, 16])
+def test_every_beam_search_variant_equals_stock(catalogue, arch, max_sparse_children):
+    """The benchmark's rows: with or without the shared prefill, dense, allowed-only or live
+    scoring (allowed-only, skipping the output layer for beams that can no longer finish), the
+    same beams as stock generate. Narrow tries make most nodes wide (the CSR path)."""
+    trie = ItemTrie.from_sequences(catalogue["seqs"], catalogue["vocab"], max_sparse_children=max_sparse_children)
+    if max_sparse_children < 16:
+        assert trie.wide.any()
+    model = tiny_model(arch, catalogue["vocab"], catalogue["eos"], seed=max_sparse_children)
+    prompts, pad = catalogue["prompts"][:7], catalogue["pad"]
+    stock = stock_beam_search(model, prompts, trie, 6, pad, batch_size=7)
+    for shared in (True, False):
+        dense = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="dense")
+        allowed = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="allowed")
+        live = beam_search(model, prompts, trie, 6, pad, 3, shared_prefill=shared, scoring="live")
+        assert allowed == dense  # the very same float values are ranked
+        assert [[i for i, _ in row] for row in live] == [[i for i, _ in row] for row in dense]
+        assert_same_beams(live, dense)  # a matrix product over fewer rows: last-bit differences
+        assert_same_beams(live, stock)
+    with pytest.raises(RereError, match="scoring must be one of"):
+        beam_search(model, prompts, trie, 6, pad, scoring="sparse")
+
+
+def test_allowed_scoring_pads_when_the_trie_has_fewer_than_2b_candidates():
+    # 3 items, 3 beams: at most 3 allowed candidates per step against 2B = 6 slots.
+    trie = ItemTrie.from_sequences([[5, 2], [6, 7, 2], [6, 8, 2]], vocab_size=16, max_sparse_children=1)
+    model = tiny_model("qwen2", 16, 2)
+    prompts = [[3, 4], [9, 9, 9]]
+    ours = beam_search(model, prompts, trie, 3, 0)
+    assert beam_search(model, prompts, trie, 3, 0, scoring="allowed") == beam_search(
+        model, prompts, trie, 3, 0, scoring="dense"
+    )
+    assert_same_beams(ours, beam_search(model, prompts, trie, 3, 0, scoring="dense"))
+    assert_same_beams(ours, stock_beam_search(model, prompts, trie, 3, 0))
+    assert all(sorted(i for i, _ in row) == [0, 1, 2] for row in ours)
+
+
+def test_children_scores_are_what_the_mask_keeps():
+    rng = random.Random(5)
+    seqs = _random_catalogue(rng, 40, 1, 120)
+    trie = ItemTrie.from_sequences(seqs, 40, max_sparse_children=3)
+    nodes = torch.tensor([0, 1, 2, 5, 17, trie.num_nodes - 1, -1] + list(range(30, 60)))  # root, wide, leaves, sink
+    scores = torch.randn(len(nodes), 43)  # wider than the vocabulary, like a padded embedding
+    narrow, tokens, wide_rows, wide_tokens, wide_scores = trie.children_scores(scores, nodes)
+    kept = {(r, t): v for r, row in enumerate(trie.mask_(scores.clone(), nodes).tolist()) for t, v in enumerate(row)}
+    finite = {key: v for key, v in kept.items() if v != -math.inf}
+    got = [((r, tokens[r, j].item()), narrow[r, j].item()) for r in range(len(nodes)) for j in range(tokens.shape[1])]
+    got = [x for x in got if x[1] != -math.inf] + list(
+        zip(zip(wide_rows.tolist(), wide_tokens.tolist(), strict=True), wide_scores.tolist(), strict=True)
+    )
+    assert len(got) == len(dict(got)) and dict(got) == finite  # each allowed (row, token) once, same values
+
+
+def test_doctests():
+    import rere.decoding.trie
+    import rere.synthetic
+
+    for module in (rere.decoding.trie, rere.synthetic):
+        assert doctest.testmod(module).failed == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_head_is_used_only_when_it_gives_the_models_own_logits(catalogue, arch):
+    from rere.decoding.cache import plain_head
+
+    model = tiny_model(arch, catalogue["vocab"], catalogue["eos"])
+    assert plain_head(model) is not None  # Qwen2, Llama, GPT-2: logits = lm_head(last hidden state)
+
+    class Scaled(type(model)):  # logit scaling, as some architectures do: the head alone is not the logits
+        @functools.wraps(type(model).forward)  # the same signature: generate passes the same arguments
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    scaled = tiny_model(arch, catalogue["vocab"], catalogue["eos"])
+    scaled.__class__ = Scaled
+    assert plain_head(scaled) is None
+    trie, pad, prompts = catalogue["trie"], catalogue["pad"], catalogue["prompts"][:3]
+    assert_same_beams(beam_search(scaled, prompts, trie, 4, pad), stock_beam_search(scaled, prompts, trie, 4, pad))
+
+
 def test_shared_prompt_cache_matches_repeat_then_reorder():
     # 2 prompts of 3 tokens, 2 beams each; keys hold their own (row, position) so moves are visible.
     prompt_keys = torch.arange(6, dtype=torch.float).view(2, 1, 3, 1)  # (b, H, T, D)
@@ -336,26 +417,3 @@ def test_sample_follows_the_constrained_distribution():
     counts = Counter(i for i, _ in draws)
     for item in range(3):
         assert counts[item] / 4000 == pytest.approx(expected[item], abs=0.03)
-
-
-def test_bench_decode_smoke(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["bench", "decode", "--items", "60", "--prompts", "2", "--beams", "3", "--history", "2"]
-    argv += ["--hidden-size", "32", "--layers", "1", "--vocab-size", "700", "--out", str(out), "-q"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "(c) identical beams: yes" in printed and "speed-up" in printed
-    figures = json.loads(out.read_text())
-    assert figures["items"] == 60 and figures["identical_prompts_vs_baseline"] == 2
-    assert figures["processor_ms_per_step_trie"] > 0 and figures["s_per_prompt_baseline"] > 0
-    assert main(["bench", "decode", "--items", "2", "--beams", "3", "-q"]) == 2  # RereError, no traceback
-    assert "larger than --items" in capsys.readouterr().err
-
-
-def test_bench_rl_dispatches_to_rere_bench_rl(monkeypatch):
-    calls = []
-    fake = types.ModuleType("rere.bench.rl")
-    fake.bench_rl = lambda args, config: calls.append((args.which, args.prompts, args.beams, args.items)) or 0
-    monkeypatch.setitem(sys.modules, "rere.bench.rl", fake)
-    assert main(["bench", "rl", "--prompts", "4", "--beams", "8", "--items", "100", "-q"]) == 0
-    assert calls == [("rl", 4, 8, 100)]

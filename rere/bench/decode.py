@@ -1,18 +1,40 @@
-"""`rere bench decode`: catalogue-constrained beam search, ours against stock `generate`."""
+"""`rere bench decode`: catalogue-constrained beam search, one row per change (see rere.bench).
+
+What each row pays for, and nothing more: the stock rows run `generate` without
+`output_scores` (which copies every step's (b*B, V) scores and which our loop never needs),
+so they return items without scores; beams are compared by their items against row 1, and
+scores are compared between the rows that have them (ours). Figures are min / median / max
+over `--repeats` runs, the variants alternating within each repeat.
+
+Peak memory, per variant: on CPU, a child process per variant (`--memory-of`) builds the same
+setup, warms the variant up, resets the kernel's high-water mark of its resident set
+(`/proc/self/clear_refs`) and runs one batch; the figure is that high-water mark minus the
+resident set before the batch, i.e. what the variant adds on top of the model and catalogue
+(torch's CPU allocator is glibc malloc, so Python-level tracers do not see it; a fresh
+process keeps one variant's freed memory from hiding the next one's). Without a writable
+clear_refs it falls back to the growth of `getrusage` maxrss, a lower bound. On CUDA, the
+growth of `torch.cuda.max_memory_allocated` over each timed run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
+from rere import RereError
 from rere.decoding import TrieLogitsProcessor, beam_search, stock_beam_search
 from rere.io import atomic_path
 from rere.synthetic import build_setup
@@ -41,109 +63,166 @@ def peer_processor(trie_seqs: list[list[int]], eos_id: int, num_beams: int):
 
 
 class _Timed(LogitsProcessor):
-    """Wrap a processor and record (start, wall seconds) of each call."""
+    """Wrap a processor; add each call's seconds to stats["constraint_s"] and count the steps.
+    The first call after the processor was built marks the end of that `generate` call's
+    prefill (stock builds the processor right before calling generate)."""
 
-    def __init__(self, inner: LogitsProcessor, record: list[tuple[float, float]]):
-        self.inner, self.record = inner, record
+    def __init__(self, inner: LogitsProcessor, stats: dict, built: float, device: torch.device):
+        self.inner, self.stats, self.built, self.device = inner, stats, built, device
 
     def __call__(self, input_ids, scores):
-        start = time.perf_counter()
+        start = _now(self.device)
+        if self.built is not None:
+            self.stats["prefill_s"] = self.stats.get("prefill_s", 0.0) + start - self.built
+            self.built = None
         out = self.inner(input_ids, scores)
-        self.record.append((start, time.perf_counter() - start))
+        end = _now(self.device)
+        self.stats["constraint_s"] = self.stats.get("constraint_s", 0.0) + end - start
+        self.stats["steps"] = self.stats.get("steps", 0) + 1
         return out
 
 
-def _timed(make, record: list[tuple[float, float]]):
-    return lambda trie, prompt_length: _Timed(make(trie, prompt_length), record)
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
-def _spread(values: list[int]) -> str:
-    return f"{min(values)}/{int(statistics.median(values))}/{max(values)}"
+@dataclass
+class Variant:
+    key: str
+    label: str
+    run: object  # (model, prompts, setup, beams, batch_size, stats) -> Results
 
 
-def _compare(ours: list, theirs: list, tol: float = 1e-4) -> tuple[int, float]:
-    """(prompts whose item lists are equal, largest score difference where both have scores)."""
-    same = sum([i for i, _ in a] == [i for i, _ in b] for a, b in zip(ours, theirs, strict=True))
-    diffs = [abs(sa - sb) for a, b in zip(ours, theirs, strict=True) for (_, sa), (_, sb) in zip(a, b, strict=True)]
-    diffs = [d for d in diffs if d == d]  # NaN: unscored
-    return same, max(diffs, default=float("nan"))
+def _stock(make_processor):
+    def run(model, prompts, setup, beams, bs, stats):
+        device = next(model.parameters()).device
+        make = make_processor(setup, beams)
+
+        def timed(trie, prompt_length):
+            return _Timed(make(trie, prompt_length), stats, _now(device), device)
+
+        return stock_beam_search(
+            model, prompts, setup["trie"], beams, setup["pad_id"], bs, processor=timed, with_scores=False
+        )
+
+    return run
 
 
-def _clock(fn, *args, **kwargs):
-    """(result, wall seconds, CPU seconds of this process). On a shared machine the wall clock
-    also counts waiting for a core; the CPU time does not."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+def _ours(shared: bool, scoring: str):
+    def run(model, prompts, setup, beams, bs, stats):
+        return beam_search(
+            model,
+            prompts,
+            setup["trie"],
+            beams,
+            setup["pad_id"],
+            bs,
+            stats=stats,
+            shared_prefill=shared,
+            scoring=scoring,
+        )
+
+    return run
+
+
+VARIANTS = [
+    Variant(
+        "stock_peer",
+        "stock generate + peer processor",
+        _stock(lambda setup, beams: peer_processor(setup["seqs"], setup["eos_id"], beams)),
+    ),
+    Variant("stock_trie", "stock generate + trie processor", _stock(lambda setup, beams: TrieLogitsProcessor)),
+    Variant("loop_repeated_dense", "our loop, prompt per beam, dense mask", _ours(False, "dense")),
+    Variant("loop_shared_dense", "+ shared prompt prefill", _ours(True, "dense")),
+    Variant("loop_shared_allowed", "+ allowed candidates only", _ours(True, "allowed")),
+    Variant("rere", "+ output layer for live beams only (rere)", _ours(True, "live")),
+]
+BY_KEY = {v.key: v for v in VARIANTS}
+
+
+@dataclass
+class Row:
+    variant: Variant
+    wall_s: list[float] = field(default_factory=list)  # per repeat, all prompts
+    prefill_s: list[float] = field(default_factory=list)
+    constraint_s: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    peak_mib: list[float] = field(default_factory=list)  # CUDA: per repeat; CPU: one child process
+    scored_share: list[float] = field(default_factory=list)  # beam-steps whose next-token scores were computed
+    results: list | None = None
+
+
+def spread(values) -> dict:
+    """{"min", "median", "max"} of a list of numbers (NaN if empty)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return {"min": math.nan, "median": math.nan, "max": math.nan}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _setup(args: argparse.Namespace, seed: int) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    setup = build_setup(args, seed)
+    setup["model"] = setup["model"].to(args.device)
+    return setup
+
+
+def _warm_up(setup: dict, variant: Variant) -> None:
+    """First calls pay for lazy initialisation: one prompt, a few beams."""
+    variant.run(setup["model"], setup["prompts"][:1], setup, min(4, setup["trie"].num_items), 1, {})
+
+
+def _run_once(setup: dict, variant: Variant, beams: int, bs: int, device: torch.device) -> tuple[list, dict, float]:
+    """(results, stats, peak MiB on CUDA else NaN) of one timed run over all prompts."""
+    gc.collect()
+    stats: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = _now(device)
+    results = variant.run(setup["model"], setup["prompts"], setup, beams, bs, stats)
+    stats["wall_s"] = _now(device) - start
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else math.nan
+    return results, stats, peak
 
 
 def bench_decode(args: argparse.Namespace, config: dict) -> int:
     seed = int(config["seed"])
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return _memory_child(args, seed)
+    device = torch.device(args.device)
     t0 = time.perf_counter()
-    setup = build_setup(args, seed)
-    model, trie, prompts, pad_id = setup["model"], setup["trie"], setup["prompts"], setup["pad_id"]
-    n, beams, bs = len(prompts), args.beams, args.batch_size
+    setup = _setup(args, seed)
     log.info("setup (titles, tokenizer, trie, model) took %.1f s", time.perf_counter() - t0)
-
-    # Warm-up: first calls pay for lazy initialisation.
-    beam_search(model, prompts[:1], trie, beams, pad_id, bs)
-    stock_beam_search(model, prompts[:1], trie, beams, pad_id, bs)
-
-    stats: dict = {}
-    ours, ours_s, ours_cpu = _clock(beam_search, model, prompts, trie, beams, pad_id, bs, stats=stats)
-    trie_calls: list[tuple[float, float]] = []
-    trie_proc = _timed(TrieLogitsProcessor, trie_calls)
-    stock, stock_s, stock_cpu = _clock(stock_beam_search, model, prompts, trie, beams, pad_id, bs, processor=trie_proc)
-    peer_calls: list[tuple[float, float]] = []
-    peer_proc = _timed(peer_processor(setup["seqs"], setup["eos_id"], beams), peer_calls)
-    base, base_s, base_cpu = _clock(stock_beam_search, model, prompts, trie, beams, pad_id, bs, processor=peer_proc)
-
-    trie_ms = 1e3 * statistics.fmean(d for _, d in trie_calls)
-    peer_ms = 1e3 * statistics.fmean(d for _, d in peer_calls)
-    # A decode step of stock generate = the time between two processor calls (median: the
-    # gaps that span a new batch's prefill are the exceptions).
-    starts = [s for s, _ in trie_calls]
-    gaps = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    stock_step_ms = 1e3 * statistics.median(gaps) if gaps else math.nan
-    ours_mask_ms = 1e3 * stats["mask_s"] / stats["steps"]
-    ours_step_ms = 1e3 * (ours_s - stats["prefill_s"]) / stats["steps"]
-    same_base, diff_base = _compare(ours, base)
-    same_stock, diff_stock = _compare(ours, stock)
-    wide = int(trie.wide.sum())
-    figures = {
-        "items": trie.num_items,
-        "trie_nodes": trie.num_nodes,
-        "trie_wide_nodes": wide,
-        "completion_tokens_min_median_max": _spread([len(s) for s in setup["seqs"]]),
-        "prompt_tokens_min_median_max": _spread([len(p) for p in prompts]),
-        "prompts": n,
-        "beams": beams,
-        "vocab": trie.vocab_size,
-        "model": f"qwen2 hidden {args.hidden_size} x {args.layers} layers",
-        "torch_threads": torch.get_num_threads(),
-        "processor_ms_per_step_trie": trie_ms,
-        "processor_ms_per_step_peer": peer_ms,
-        "processor_speedup": peer_ms / trie_ms,
-        "stock_decode_step_ms": stock_step_ms,
-        "trie_share_of_stock_step": trie_ms / stock_step_ms,
-        "rere_mask_ms_per_step": ours_mask_ms,
-        "rere_mask_share_of_step": ours_mask_ms / ours_step_ms,
-        "s_per_prompt_rere": ours_s / n,
-        "s_per_prompt_stock_trie": stock_s / n,
-        "s_per_prompt_baseline": base_s / n,
-        "end_to_end_speedup": base_s / ours_s,
-        "cpu_s_per_prompt_rere": ours_cpu / n,
-        "cpu_s_per_prompt_stock_trie": stock_cpu / n,
-        "cpu_s_per_prompt_baseline": base_cpu / n,
-        "end_to_end_cpu_speedup": base_cpu / ours_cpu,
-        "rere_prefill_s": stats["prefill_s"],
-        "identical_prompts_vs_baseline": same_base,
-        "identical_prompts_vs_stock_trie": same_stock,
-        "max_score_diff_vs_stock_trie": diff_stock,
-        "max_score_diff_vs_baseline": diff_base,
-    }
+    rows = [Row(v) for v in VARIANTS]
+    for row in rows:
+        _warm_up(setup, row.variant)
+    for r in range(args.repeats):
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]  # rotate: no variant always runs first
+        for row in order:
+            results, stats, peak = _run_once(setup, row.variant, args.beams, args.batch_size, device)
+            log.info("repeat %d %s: %.2f s", r + 1, row.variant.key, stats["wall_s"])
+            row.wall_s.append(stats["wall_s"])
+            row.prefill_s.append(stats.get("prefill_s", math.nan))
+            row.constraint_s.append(stats.get("constraint_s", math.nan))
+            row.steps.append(stats.get("steps", 0))
+            row.peak_mib.append(peak)
+            if stats.get("beam_rows"):
+                row.scored_share.append(stats["scored_rows"] / stats["beam_rows"])
+            if row.results is None:
+                row.results = results
+            elif [[i for i, _ in x] for x in results] != [[i for i, _ in x] for x in row.results]:
+                raise RereError(
+                    f"{row.variant.key} returned different beams in repeat {r + 1}; decoding is not deterministic."
+                )
+    if device.type == "cpu":
+        for row in rows:
+            row.peak_mib = [_memory_of(args, seed, row.variant.key)]
+    figures = _figures(args, setup, rows)
     _print(figures)
     if args.out:
         with atomic_path(args.out) as tmp:
@@ -151,38 +230,164 @@ def bench_decode(args: argparse.Namespace, config: dict) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace, setup: dict, rows: list[Row]) -> dict:
+    trie, prompts, n = setup["trie"], setup["prompts"], len(setup["prompts"])
+    reference, ours = rows[0], rows[-1]
+    ref_items = [[i for i, _ in x] for x in reference.results]
+    table = []
+    for row in rows:
+        decode_s = [w - p for w, p in zip(row.wall_s, row.prefill_s, strict=True)]
+        step_ms = [1e3 * d / s for d, s in zip(decode_s, row.steps, strict=True) if s]
+        constraint_ms = [1e3 * c / s for c, s in zip(row.constraint_s, row.steps, strict=True) if s]
+        share = [c / d for c, d in zip(row.constraint_s, decode_s, strict=True)]
+        speedup = [a / b for a, b in zip(reference.wall_s, row.wall_s, strict=True)]  # paired by repeat
+        same = sum([i for i, _ in x] == y for x, y in zip(row.results, ref_items, strict=True))
+        diffs = [
+            abs(sa - sb)
+            for x, y in zip(row.results, ours.results, strict=True)
+            for (_, sa), (_, sb) in zip(x, y, strict=True)
+            if sa == sa
+        ]
+        table.append(
+            {
+                "variant": row.variant.key,
+                "label": row.variant.label,
+                "s_per_prompt": spread([w / n for w in row.wall_s]),
+                "speedup_vs_row1": spread(speedup),
+                "step_ms": spread(step_ms),
+                "prefill_s_per_prompt": spread([p / n for p in row.prefill_s]),
+                "constraint_ms_per_step": spread(constraint_ms),
+                "constraint_share_of_step": spread(share),
+                "steps_per_batch": spread([s / math.ceil(n / args.batch_size) for s in row.steps]),
+                "peak_mib": spread(row.peak_mib),
+                "scored_beam_share": spread(row.scored_share),
+                "identical_prompts_vs_row1": same,
+                "max_score_diff_vs_rere": max(diffs) if diffs else math.nan,
+            }
+        )
+    return {
+        "preset": args.preset,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "items": trie.num_items,
+        "trie_nodes": trie.num_nodes,
+        "trie_wide_nodes": int(trie.wide.sum()),
+        "completion_tokens": spread([len(s) for s in setup["seqs"]]),
+        "prompt_tokens": spread([len(p) for p in prompts]),
+        "prompts": n,
+        "batch_size": args.batch_size,
+        "beams": args.beams,
+        "vocab": trie.vocab_size,
+        "bpe_vocab": args.vocab_size,
+        "model": f"qwen2 hidden {args.hidden_size} x {args.layers} layers",
+        "rows": table,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        name = "cpu"
+    import os
+
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+def _fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return "/".join(f"{scale * s[k]:.{digits}f}" for k in ("min", "median", "max"))
+
+
 def _print(f: dict) -> None:
+    c, p = f["completion_tokens"], f["prompt_tokens"]
     print(
-        f"catalogue: {f['items']} synthetic titles, completion tokens min/median/max {f['completion_tokens_min_median_max']}"
-        f" (EOS included); trie {f['trie_nodes']} nodes, {f['trie_wide_nodes']} wide"
+        f"rere bench decode: preset {f['preset']}, {f['device']} ({f['device_name']}), {f['torch_threads']} torch "
+        f"threads, {f['repeats']} repeats (min/median/max)"
     )
     print(
-        f"workload: {f['prompts']} prompts (tokens {f['prompt_tokens_min_median_max']}) x {f['beams']} beams, "
-        f"{f['model']}, vocab {f['vocab']}, {f['torch_threads']} torch threads"
-    )
-    print("(a) constraint processor, ms per decode step (inside stock generate):")
-    print(f"    peer (string keys, Python loop over beams): {f['processor_ms_per_step_peer']:9.3f}")
-    print(f"    rere TrieLogitsProcessor (tensor trie):     {f['processor_ms_per_step_trie']:9.3f}")
-    print(
-        f"    speed-up {f['processor_speedup']:.1f}x; trie share of a stock decode step "
-        f"({f['stock_decode_step_ms']:.0f} ms) {100 * f['trie_share_of_stock_step']:.2f}%"
+        f"catalogue: {f['items']} synthetic titles, completion tokens {c['min']:.0f}/{c['median']:.0f}/{c['max']:.0f} "
+        f"(EOS included); trie {f['trie_nodes']} nodes, {f['trie_wide_nodes']} wide"
     )
     print(
-        f"    in rere beam_search: mask {f['rere_mask_ms_per_step']:.3f} ms per step, "
-        f"{100 * f['rere_mask_share_of_step']:.2f}% of a decode step"
+        f"workload: {f['prompts']} prompts (tokens {p['min']:.0f}/{p['median']:.0f}/{p['max']:.0f}) x {f['beams']} "
+        f"beams, {f['batch_size']} per call, {f['model']}, vocab {f['vocab']} (BPE {f['bpe_vocab']})"
     )
-    print("(b) end to end per prompt, wall seconds (CPU seconds of this process):")
-    for label, key in [
-        ("baseline (stock generate + peer processor)", "baseline"),
-        ("stock generate + TrieLogitsProcessor      ", "stock_trie"),
-        ("rere beam_search (shared prompt prefill)  ", "rere"),
-    ]:
-        print(f"    {label}: {f['s_per_prompt_' + key]:8.3f} ({f['cpu_s_per_prompt_' + key]:.3f})")
-    print(f"    speed-up vs baseline {f['end_to_end_speedup']:.1f}x wall ({f['end_to_end_cpu_speedup']:.1f}x CPU)")
-    n = f["prompts"]
-    verdict = "yes" if f["identical_prompts_vs_baseline"] == n else "no"
+    header = (
+        f"{'':3}{'variant':44} {'s per prompt':>20} {'speed-up vs 1':>16} {'step ms (median)':>16} "
+        f"{'constraint ms/step':>20} {'share %':>7} {'peak MiB':>9} {'beams = 1':>9}"
+    )
+    print(header)
+    for k, row in enumerate(f["rows"], 1):
+        print(
+            f"{k:<3}{row['label']:44} {_fmt(row['s_per_prompt'], digits=3):>20} {_fmt(row['speedup_vs_row1'], digits=1):>16} "
+            f"{row['step_ms']['median']:16.1f} {_fmt(row['constraint_ms_per_step']):>20} "
+            f"{100 * row['constraint_share_of_step']['median']:7.2f} {row['peak_mib']['median']:9.0f} "
+            f"{row['identical_prompts_vs_row1']:>4}/{f['prompts']:<4}"
+        )
+    scored = [
+        r["max_score_diff_vs_rere"] for r in f["rows"] if r["max_score_diff_vs_rere"] == r["max_score_diff_vs_rere"]
+    ]
+    live = f["rows"][-1]["scored_beam_share"]["median"]
+    verdict = "yes" if all(r["identical_prompts_vs_row1"] == f["prompts"] for r in f["rows"]) else "NO"
     print(
-        f"(c) identical beams: {verdict} (rere vs baseline {f['identical_prompts_vs_baseline']}/{n} prompts, "
-        f"vs stock+trie {f['identical_prompts_vs_stock_trie']}/{n}; max score difference vs stock+trie "
-        f"{f['max_score_diff_vs_stock_trie']:.2e}, vs baseline {f['max_score_diff_vs_baseline']:.2e})"
+        f"identical beams (items, every row vs row 1): {verdict}; largest score difference between the scored rows "
+        f"(ours): {max(scored):.2e}. Stock rows run without output_scores (no scores); a step is one decoding "
+        "step of a whole batch; share = constraint time / (run time - prefill)."
     )
+    if live == live:
+        print(
+            f"row {len(f['rows'])} computed next-token scores for {100 * live:.0f}% of the beam-steps (the live beams)."
+        )
+
+
+# Peak memory of one variant, in a child process (see the module docstring).
+
+
+def _memory_of(args: argparse.Namespace, seed: int, key: str) -> float:
+    argv = [sys.executable, "-m", "rere.cli", "bench", "decode", "-q", "--set", f"seed={seed}", "--memory-of", key]
+    for name in ("items", "prompts", "beams", "history", "batch_size", "vocab_size", "model_vocab", "hidden_size"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    argv += ["--layers", str(args.layers), "--threads", str(args.threads), "--device", args.device]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RereError(f"the memory run of {key} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return float(json.loads(lines[-1])["peak_mib"])
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _memory_child(args: argparse.Namespace, seed: int) -> int:
+    """`--memory-of KEY`: this process runs one batch of one variant and prints its peak memory."""
+    if args.memory_of not in BY_KEY:
+        raise RereError(f"--memory-of must be one of {sorted(BY_KEY)}, got {args.memory_of!r}.")
+    variant = BY_KEY[args.memory_of]
+    setup = _setup(args, seed)
+    _warm_up(setup, variant)
+    batch = setup["prompts"][: args.batch_size]
+    gc.collect()
+    method = "clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # reset VmHWM to the current resident set (Linux >= 4.0)
+        before = _rss_kib("VmRSS")
+    except OSError:
+        method, before = "maxrss", None
+    if before is None:
+        method, before = "maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    variant.run(setup["model"], batch, setup, args.beams, args.batch_size, {})
+    after = _rss_kib("VmHWM") if method == "clear_refs" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"variant": variant.key, "peak_mib": max(after - before, 0) / 1024, "method": method}))
+    return 0

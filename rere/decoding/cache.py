@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -132,13 +133,69 @@ def expand_cache(cache: DynamicCache, repeats: int, capacity: int) -> None:
         cache.batch_repeat_interleave(repeats)
 
 
-def decode_step(model, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """Feed one token per row: tokens (N,), mask (N, T+t+1), positions (N, 1) -> logits (N, V)."""
-    out = model(
-        input_ids=tokens[:, None],  # (N, 1)
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-    )
-    return out.logits[:, -1, :].float()
+def decode_step(
+    model,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feed one token per row: tokens (N,), mask (N, T+t+1), positions (N, 1) -> logits (N, V),
+    or with `rows` (R,) only those rows' logits, (R, V) (every row still updates the cache).
+
+    With `out` (at least (N, V), float32), the logits are written into it when the model's
+    logits are exactly its output layer applied to its decoder's last hidden state (checked
+    once per model, `plain_head`): on CPU a fresh (N, V) tensor per step costs more in page
+    faults than the matrix product that fills it, and the rows not asked for are not computed.
+    Otherwise `out` is ignored.
+    """
+    kwargs = {"attention_mask": mask, "position_ids": positions, "cache": cache, "use_cache": True}
+    head = plain_head(model) if out is not None else None
+    if head is not None:
+        decoder, linear = head
+        hidden = decoder(input_ids=tokens[:, None], **kwargs).last_hidden_state[:, -1, :]  # (N, H)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)  # (R, H)
+        return _project(hidden, linear, out[: len(hidden)])
+    logits = model(input_ids=tokens[:, None], **kwargs).logits[:, -1, :].float()  # input_ids (N, 1) -> (N, V)
+    return logits if rows is None else logits.index_select(0, rows)
+
+
+def _project(hidden: torch.Tensor, linear: torch.nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """linear(hidden) written into out: (N, H) -> (N, V), the same kernel as `nn.Linear` on (N, 1, H)."""
+    if linear.bias is None:
+        return torch.mm(hidden, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, hidden, linear.weight.t(), out=out)
+
+
+# model -> (decoder, output layer) or None; checked once per model object.
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plain_head(model) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, output layer) when `model(...).logits` is exactly `output_layer(decoder(...)
+    .last_hidden_state)`, on CPU in float32; else None (logit soft-capping or scaling, a bias
+    the check does not reproduce, another device or dtype, wrappers: the model's own forward
+    is used). The check runs both on two one-token rows (a decode step's shape) and compares bit for bit."""
+    if model in _HEADS:
+        return _HEADS[model]
+    head = None
+    try:
+        linear = model.get_output_embeddings()
+        decoder = model.get_decoder()
+        weight = linear.weight
+        if type(linear) is torch.nn.Linear and decoder is not model and weight.device.type == "cpu":
+            if weight.dtype == torch.float32:
+                ids = torch.tensor([[1], [2]], device=weight.device) % weight.shape[0]  # (2, 1): a decode step's shape
+                with torch.inference_mode():
+                    expected = model(input_ids=ids).logits[:, -1, :]  # (2, V)
+                    hidden = decoder(input_ids=ids).last_hidden_state[:, -1, :]  # (2, H)
+                    got = _project(hidden, linear, torch.empty_like(expected))
+                if torch.equal(got, expected):
+                    head = (decoder, linear)
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        head = None
+    _HEADS[model] = head
+    return head

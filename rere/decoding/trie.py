@@ -254,6 +254,44 @@ class ItemTrie:
                 scores[wide_rows, wide_tokens] = wide_kept
         return scores
 
+    def children_scores(
+        self, scores: torch.Tensor, nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scores of exactly the tokens allowed after each row's node, leaving `scores` untouched.
+
+        What `mask_` keeps finite, without writing (N, W): per row its narrow children as a
+        (N, K) table, and for the rows at wide nodes their CSR entries, flattened.
+        Returns (narrow_scores (N, K), narrow_tokens (N, K), wide_rows (S,), wide_tokens (S,),
+        wide_scores (S,)); unused slots of the narrow table score -inf (a wide row's slots are
+        all unused; a leaf's or the sink's one slot is EOS). Each allowed (row, token) appears
+        exactly once. Cost: (N, K) gathers plus the S wide entries; one host sync, as `mask_`.
+
+        >>> trie = ItemTrie.from_sequences([[5, 6, 2], [5, 7, 2], [8, 2]], vocab_size=10, max_sparse_children=1)
+        >>> s, t, wr, wt, ws = trie.children_scores(torch.arange(20.0).view(2, 10), torch.tensor([1, 2]))
+        >>> s.tolist(), t.tolist(), wr.tolist(), wt.tolist(), ws.tolist()  # node 1 is wide: tokens 6, 7
+        ([[-inf], [12.0]], [[6], [2]], [0, 0], [6, 7], [6.0, 7.0])
+        """
+        if scores.shape[-1] < self.vocab_size:
+            raise RereError(
+                f"the model scores {scores.shape[-1]} tokens but the item trie was built for a vocabulary of "
+                f"{self.vocab_size}; build the trie with the model's vocabulary size."
+            )
+        rows = nodes  # (N,) -1 indexes the last row of each table: the sink
+        tokens = self.sparse_children[rows]  # (N, K)
+        wide = self.wide[rows]  # (N,)
+        used = torch.where(wide, 0, self.fanout[rows].clamp(min=1))  # (N,) leaves and the sink: EOS
+        slot = torch.arange(tokens.shape[1], device=scores.device)  # (K,)
+        narrow = scores.gather(1, tokens).masked_fill_(slot >= used[:, None], NEG_INF)  # (N, K)
+        wide_at = wide.nonzero().squeeze(1)  # (D,) the host sync
+        if len(wide_at):
+            wide_rows, wide_tokens = self._csr_entries(wide_at, rows[wide_at])  # (S,), (S,)
+            flat = wide_rows * scores.shape[1] + wide_tokens  # (S,)
+            wide_scores = scores.reshape(-1).index_select(0, flat)  # (S,)
+        else:
+            wide_rows = wide_tokens = torch.zeros(0, dtype=torch.long, device=scores.device)
+            wide_scores = scores.new_zeros(0)
+        return narrow, tokens, wide_rows, wide_tokens, wide_scores
+
     def _csr_entries(self, beams: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(beam, allowed token) pairs for beams (D,) at nodes (D,): each node's CSR row, flattened."""
         counts = self.fanout[nodes]  # (D,)
