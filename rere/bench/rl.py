@@ -262,8 +262,7 @@ def _rl_steps(args: argparse.Namespace, config: dict, setup: dict, seed: int) ->
             valid_rows=None,
         )
         set_seed(seed)
-        trainer = build_trainer(inp, config, Path(tmp) / "out", callbacks=[clock])
-        trainer.__class__ = _timed_trainer_class()  # the same object, its methods timed (see docstring)
+        trainer = build_trainer(inp, config, Path(tmp) / "out", callbacks=[clock], trainer_class=_timed_trainer_class())
         clock.trainer = trainer
         for quiet in (ProgressCallback, PrinterCallback):  # the figures are printed at the end
             trainer.remove_callback(quiet)

@@ -101,8 +101,11 @@ def add_arguments(parser) -> None:
     )
 
 
-def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), rollout_log: Path | None = None):
-    """The ReReTrainer for these inputs (checkpoints under `output_dir`)."""
+def build_trainer(
+    inp: RLInputs, config: dict, output_dir: Path, callbacks=(), rollout_log: Path | None = None, trainer_class=None
+):
+    """The ReReTrainer (or a subclass of it, e.g. the benchmark's timed one) for these inputs
+    (checkpoints under `output_dir`)."""
     import datasets
 
     s = inp.settings
@@ -115,7 +118,7 @@ def build_trainer(inp: RLInputs, config: dict, output_dir: Path, callbacks=(), r
     )
     from rere.rl.trainer import ReReTrainer
 
-    return ReReTrainer(
+    return (trainer_class or ReReTrainer)(
         model=inp.model,
         reward_funcs=inp.funcs,
         args=targs,
