@@ -260,6 +260,7 @@ def _rl_steps(args: argparse.Namespace, config: dict, setup: dict, seed: int) ->
             trie=setup["trie"],
             funcs=reward_funcs(settings.reward),
             valid_rows=None,
+            save_dtype=model.dtype,
         )
         set_seed(seed)
         trainer = build_trainer(inp, config, Path(tmp) / "out", callbacks=[clock], trainer_class=_timed_trainer_class())
