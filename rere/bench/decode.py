@@ -162,6 +162,11 @@ def spread(values) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def fmt_spread(s: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """A `spread` as "min/median/max" (times `scale`)."""
+    return "/".join(f"{scale * s[k]:.{digits}f}" for k in ("min", "median", "max"))
+
+
 def _setup(args: argparse.Namespace, seed: int) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -297,10 +302,6 @@ def _cpu_name() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
-def _fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
-    return "/".join(f"{scale * s[k]:.{digits}f}" for k in ("min", "median", "max"))
-
-
 def _print(f: dict) -> None:
     c, p = f["completion_tokens"], f["prompt_tokens"]
     print(
@@ -322,8 +323,8 @@ def _print(f: dict) -> None:
     print(header)
     for k, row in enumerate(f["rows"], 1):
         print(
-            f"{k:<3}{row['label']:44} {_fmt(row['s_per_prompt'], digits=3):>20} {_fmt(row['speedup_vs_row1'], digits=1):>16} "
-            f"{row['step_ms']['median']:16.1f} {_fmt(row['constraint_ms_per_step']):>20} "
+            f"{k:<3}{row['label']:44} {fmt_spread(row['s_per_prompt'], digits=3):>20} {fmt_spread(row['speedup_vs_row1'], digits=1):>16} "
+            f"{row['step_ms']['median']:16.1f} {fmt_spread(row['constraint_ms_per_step']):>20} "
             f"{100 * row['constraint_share_of_step']['median']:7.2f} {row['peak_mib']['median']:9.0f} "
             f"{row['identical_prompts_vs_row1']:>4}/{f['prompts']:<4}"
         )

@@ -40,7 +40,7 @@ from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rere import RereError
-from rere.bench.decode import spread
+from rere.bench.decode import fmt_spread, spread
 from rere.decoding import beam_search, left_pad, sample
 from rere.io import atomic_path
 from rere.synthetic import EOS, PAD, build_setup, prompt_text
@@ -284,10 +284,6 @@ def _rl_steps(args: argparse.Namespace, config: dict, setup: dict, seed: int) ->
     }
 
 
-def _fmt(s: dict, digits: int = 2) -> str:
-    return "/".join(f"{s[k]:.{digits}f}" for k in ("min", "median", "max"))
-
-
 def _print(f: dict) -> None:
     r, s = f["rollout"], f["rl_step"]
     print(
@@ -295,14 +291,14 @@ def _print(f: dict) -> None:
         f"{f['model']}, {f['items']} items, completions <= {f['max_completion_tokens']} tokens, "
         f"{f['torch_threads']} torch threads, {f['repeats']} repeats (min/median/max seconds):"
     )
-    print(f"  rere constrained beam search (shared prefill):  {_fmt(r['s_beam'])}")
-    print(f"  TRL default sampling (prompt repeated G times): {_fmt(r['s_trl_sampling'])}")
-    print(f"  rere constrained sampling (shared prefill):     {_fmt(r['s_constrained_sampling'])}")
-    print(f"  beam rollout / TRL sampling, paired per repeat: {_fmt(r['beam_over_trl_sampling'])}x")
+    print(f"  rere constrained beam search (shared prefill):  {fmt_spread(r['s_beam'])}")
+    print(f"  TRL default sampling (prompt repeated G times): {fmt_spread(r['s_trl_sampling'])}")
+    print(f"  rere constrained sampling (shared prefill):     {fmt_spread(r['s_constrained_sampling'])}")
+    print(f"  beam rollout / TRL sampling, paired per repeat: {fmt_spread(r['beam_over_trl_sampling'])}x")
     print(
         f"one ReReTrainer step ({s['completions_per_step']} completions, beta {s['beta']}), {s['steps_timed']} steps "
         f"after a warm-up step, seconds min/median/max (median share):"
     )
-    print(f"  {'total':26} {_fmt(s['s_total'])}")
+    print(f"  {'total':26} {fmt_spread(s['s_total'])}")
     for p in PARTS:
-        print(f"  {p.replace('_', ' '):26} {_fmt(s['s_' + p])} ({100 * s['share_' + p]:.0f}%)")
+        print(f"  {p.replace('_', ' '):26} {fmt_spread(s['s_' + p])} ({100 * s['share_' + p]:.0f}%)")
