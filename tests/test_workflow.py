@@ -48,12 +48,14 @@ def dry_run_jobs(cwd: Path, *args, env=None) -> list[dict]:
     jobs, job = [], None
     for line in (proc.stdout + proc.stderr).splitlines():
         if m := re.match(r"^(?:local)?rule (\w+):$", line):
-            job = {"rule": m.group(1), "input": [], "output": [], "resources": {}, "shell": None}
+            job = {"rule": m.group(1), "input": [], "output": [], "resources": {}, "shell": None, "threads": 1}
             jobs.append(job)
         elif job is None:
             continue
         elif m := re.match(r"^    (input|output): (.*)$", line):
             job[m.group(1)] = [p.strip() for p in m.group(2).split(",")]
+        elif m := re.match(r"^    threads: (\d+)$", line):
+            job["threads"] = int(m.group(1))
         elif line.startswith("    resources: "):
             pairs = (kv.split("=", 1) for kv in line.removeprefix("    resources: ").split(", "))
             job["resources"] = dict(pairs)
@@ -330,6 +332,23 @@ def test_processes_start_rl_through_the_launcher_and_ask_slurm_for_as_many_gpus(
         for job in jobs:
             assert command(job["shell"]).startswith(prefix if job["rule"] == "rl" else f"rere {job['rule']} ")
         assert "--gpus=4" in calls["rl"] and "--gpus=1" in calls["sft"], calls
+
+
+def test_launch_threads_set_each_rules_threads(workdir):
+    """One thread per job by default (jobs share a 2-core machine side by side); a user's
+    launch.threads reaches exactly its stage, and an RL job has at least one thread per process."""
+
+    def threads(*args):
+        out = {}
+        for job in dry_run_jobs(workdir, "--cores", "8", *args):  # a dry run caps threads at --cores
+            out.setdefault(job["rule"], set()).add(job["threads"])
+        return out
+
+    default = threads()
+    assert [default[r] for r in ("sft", "rl", "evaluate", "baseline")] == [{1}] * 4
+    changed = threads("--config", "launch={threads: {sft: 3, rl: 2, evaluate: 1, baseline: 4}, processes: {rl: 5}}")
+    assert changed["sft"] == {3} and changed["baseline"] == {4} and changed["evaluate"] == {1}
+    assert changed["rl"] == {5}  # max(threads.rl = 2, processes.rl = 5)
 
 
 def test_configs_validate():

@@ -12,7 +12,7 @@ rule baseline:
         method=ONE_OF["baseline"],
     conda:
         "../envs/rere.yaml"
-    threads: 2
+    threads: config["launch"]["threads"]["baseline"]
     resources:
         mem_mb=4000,
         runtime=120,

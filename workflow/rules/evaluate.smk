@@ -14,7 +14,7 @@ rule evaluate:
         method=ONE_OF["llm"],
     conda:
         "../envs/rere.yaml"
-    threads: 2
+    threads: config["launch"]["threads"]["evaluate"]
     resources:
         mem_mb=8000,
         runtime=120,

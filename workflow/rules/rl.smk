@@ -17,7 +17,7 @@ rule rl:
         "benchmarks/rl/{dataset}/{variant}.tsv"
     conda:
         "../envs/rere.yaml"
-    threads: max(2, config["launch"]["processes"]["rl"])
+    threads: max(config["launch"]["threads"]["rl"], config["launch"]["processes"]["rl"])
     resources:
         mem_mb=8000,
         runtime=480,

@@ -11,7 +11,7 @@ rule sft:
         "benchmarks/sft/{dataset}.tsv"
     conda:
         "../envs/rere.yaml"
-    threads: 2
+    threads: config["launch"]["threads"]["sft"]
     resources:
         mem_mb=8000,
         runtime=240,
