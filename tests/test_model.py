@@ -94,7 +94,7 @@ def test_scratch_model_builds_saves_reloads_and_generates(workdir, scratch_title
     assert meta == {
         "index_fingerprint": index.fingerprint,
         "index_kind": "title",
-        "prompt_style": "compact",
+        "prompt_style": "sequence",  # config/config.yaml: model.prompt
         "dataset": "data",
         "stage": "base",
         "base": "scratch",
