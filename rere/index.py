@@ -1,8 +1,11 @@
 """`rere index`: how the model writes each catalogue item (its code).
 
-Two kinds (config `index.kind`):
+Three kinds (config `index.kind`):
 
 - `title`: the item's unique title in double quotes, e.g. `"Toy Story (1995)"`.
+- `atomic`: one new token per item, `<item_{id}>` (the "ID-based" generative recommenders:
+  an item is one output class, as in SASRec, with no information shared between items'
+  codes).
 - `sid`: a semantic ID of new tokens, one per level, e.g. `<a_12><b_201><c_7>`, from
   residual k-means over item text embeddings: level 0 clusters the embeddings, level 1
   clusters what is left after subtracting each item's level-0 centroid, and so on. Similar
@@ -192,6 +195,11 @@ def residual_kmeans(
     return codes
 
 
+def atomic_code(item_id: int) -> str:
+    """The one-token code of an item in an `atomic` index."""
+    return f"<item_{item_id}>"
+
+
 def sid_codes(item_ids: list[int], code_matrix: np.ndarray, k: int) -> tuple[list[str], list[str], dict]:
     """Code strings (collisions resolved by an extra level), the new tokens, and statistics."""
     n, levels = code_matrix.shape
@@ -358,8 +366,13 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         stats["embedder"] = cfg.embedder
         stats["last_level"] = cfg.last_level
         items = [{"item_id": r["item_id"], "title": r["title"], "code": c} for r, c in zip(records, codes, strict=True)]
+    elif kind == "atomic":
+        catalogue = read_catalogue(data / "info.txt")
+        items = [{"item_id": i, "title": catalogue[i], "code": atomic_code(i)} for i in sorted(catalogue)]
+        new_tokens = [it["code"] for it in items]
+        stats = {"items": len(items), "new_tokens": len(new_tokens)}
     else:
-        raise RereError(f"key 'index.kind': {kind!r} is not title or sid.")
+        raise RereError(f"key 'index.kind': {kind!r} is not title, sid or atomic.")
     fp = fingerprint(kind, [it["item_id"] for it in items], [it["code"] for it in items])
     return ItemIndex(kind=kind, items=items, new_tokens=new_tokens, stats=stats, fingerprint=fp)
 

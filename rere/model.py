@@ -43,7 +43,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-SID_TOKEN = re.compile(r"<[a-z]_\d+>")
+SID_TOKEN = re.compile(r"<[a-z]+_\d+>")  # sid (<a_12>) and atomic (<item_7>) tokens
 
 
 @dataclass

@@ -51,6 +51,16 @@ def test_title_index_round_trip_and_fingerprint(tmp_path):
         index.check_catalogue(tmp_path / "data")
 
 
+def test_atomic_index_gives_each_item_its_own_token(tmp_path):
+    write_catalogue(tmp_path / "data" / "info.txt", {3: "Film C", 0: "Film A", 11: "Film B"})
+    index = build_index(tmp_path / "data", load_config(overrides=["index.kind=atomic"]))
+    assert index.kind == "atomic" and index.item_ids == [0, 3, 11]
+    assert index.codes == ["<item_0>", "<item_3>", "<item_11>"]
+    assert index.new_tokens == index.codes and index.titles == ["Film A", "Film C", "Film B"]
+    assert index.fingerprint == fingerprint("atomic", [0, 3, 11], index.codes)
+    assert index.stats == {"items": 3, "new_tokens": 3}
+
+
 def test_load_refuses_missing_and_edited_index(tmp_path):
     with pytest.raises(RereError, match="does not exist; run `rere index"):
         ItemIndex.load(tmp_path / "nowhere")

@@ -61,6 +61,7 @@ def workdir(tmp_path_factory):
     make_data(root / "data")
     run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_title"), "--set", "index.kind=title")
     run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_sid"), "--set", "index.kind=sid")
+    run_stage("index", "--data", str(root / "data"), "--out", str(root / "idx_atomic"), "--set", "index.kind=atomic")
     return root
 
 
@@ -151,6 +152,24 @@ def test_scratch_model_with_sid_tokens(workdir):
     n_levels = first.count("<")
     assert ids[0][:n_levels] == tok.convert_tokens_to_ids(["<" + t for t in first.split("<")[1:]])
     assert tok.decode(ids[0][n_levels:-1]) == "\n" and ids[0][-1] == tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_scratch_model_with_atomic_items_writes_an_item_in_three_tokens(workdir):
+    out = workdir / "base_atomic"
+    sets = _sets(*TINY, "model.prompt=sequence")
+    run_stage(
+        "model", "--data", str(workdir / "data"), "--index", str(workdir / "idx_atomic"), "--out", str(out), *sets
+    )
+    index = ItemIndex.load(workdir / "idx_atomic")
+    model, tok, meta = load_model(out, index)
+    assert meta["index_kind"] == "atomic"
+    ids = item_token_ids(tok, index.codes, probe_prompts(index.codes, "sequence", 0, tok.eos_token))
+    newline = tok.encode("\n")
+    for code, item in zip(index.codes, ids, strict=True):
+        # the item's own token (one per item, distinct), "\n", EOS
+        assert item == [tok.convert_tokens_to_ids(code), *newline, tok.eos_token_id]
+    assert len({item[0] for item in ids}) == len(index.codes)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
 
 

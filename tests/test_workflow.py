@@ -360,9 +360,17 @@ def test_configs_validate():
     assert amazon["evaluate"]["num_beams"] == 50 and amazon["rl"]["num_generations"] == 16
     assert amazon["rl"]["variants"]["rere"] == {"sampling": "beam", "reward": "ranking", "loss": "grpo"}
     # the paper's recipe stays there while the laptop default trains every history item
-    assert (amazon["index"]["kind"], amazon["sft"]["targets"], amazon["rl"]["filter_groups"]) == ("title", "last", False)
+    assert (amazon["index"]["kind"], amazon["sft"]["targets"], amazon["rl"]["filter_groups"]) == (
+        "title",
+        "last",
+        False,
+    )
     default = load_config([ROOT / "config/config.yaml"])
-    assert (default["model"]["prompt"], default["sft"]["targets"], default["rl"]["filter_groups"]) == ("sequence", "all", True)
+    assert (default["model"]["prompt"], default["sft"]["targets"], default["rl"]["filter_groups"]) == (
+        "sequence",
+        "all",
+        True,
+    )
     tiny = load_config([ROOT / "tests/config/tiny.yaml"])
     assert list(tiny["datasets"]) == ["tiny"] and list(tiny["rl"]["variants"]) == ["rere", "grpo"]
     assert tiny["model"]["scratch"]["hidden_size"] == 32 and tiny["model"]["scratch"]["num_layers"] == 1
