@@ -366,6 +366,11 @@ def test_configs_validate():
         False,
     )
     default = load_config([ROOT / "config/config.yaml"])
+    assert (default["index"]["kind"], default["model"]["prompt"], default["sft"]["targets"]) == (
+        "atomic",
+        "sequence",
+        "all",
+    )
     assert (default["model"]["prompt"], default["sft"]["targets"], default["rl"]["filter_groups"]) == (
         "sequence",
         "all",
