@@ -1,6 +1,7 @@
 # rere: data -> index -> base model -> SFT -> RL variants -> evaluation -> report, plus the
-# classic baselines, for every dataset and method in the config. Each rule is one `rere`
-# subcommand (the same command dvc.yaml and the tests run).
+# classic baselines, for every dataset and method in the config (and, with `seeds`, every
+# training seed: common.smk's per_seed). Each rule is one `rere` subcommand (the same command
+# dvc.yaml and the tests run).
 import re
 
 from snakemake.utils import min_version, validate
@@ -38,6 +39,7 @@ ONE_OF = {
         ("variant", VARIANTS),
         ("llm", LLM_METHODS),
         ("baseline", BASELINES),
+        ("seed", [str(s) for s in config["seeds"] or []]),
     ]
 }
 
@@ -45,6 +47,7 @@ ONE_OF = {
 wildcard_constraints:
     dataset=ONE_OF["dataset"],
     variant=ONE_OF["variant"],
+    seed=ONE_OF["seed"],
 
 
 include: "workflow/rules/data.smk"

@@ -46,7 +46,15 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from rere import RereError
-from rere.io import atomic_path, read_catalogue, read_json, read_split, save_resolved_config, write_json
+from rere.io import (
+    atomic_path,
+    data_seed,
+    read_catalogue,
+    read_json,
+    read_split,
+    save_resolved_config,
+    write_json,
+)
 from rere.metrics import hr_ndcg, rank_of, select_rows, write_results
 from rere.tracking import stage_run
 
@@ -497,7 +505,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
             f"evaluate.ks has {top_k} but the catalogue has only {data.num_items} items; lower the cut-offs."
         )
     seq_cfg = SequentialConfig(**config["baselines"]["sasrec"]) if method != "pop" else None  # checked before training
-    eval_rows = select_rows(data.splits[split], ev["max_rows"], config["seed"])
+    eval_rows = select_rows(data.splits[split], ev["max_rows"], data_seed(args.data, config["seed"]))
     if config["baselines"]["num_threads"] > 0:
         # Measured on a shared 2-core machine: 2 intra-op threads ran 30x slower than 1 (spinning
         # OpenMP workers fighting other jobs); these small models gain little from threads anyway.

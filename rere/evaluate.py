@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rere import RereError
 from rere.config import check_cutoffs
-from rere.io import atomic_path, read_split, save_resolved_config
+from rere.io import atomic_path, data_seed, read_split, save_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def run(args, config) -> int:
     index = ItemIndex.load(args.index)
     index.check_catalogue(data)  # ids alone can agree between two catalogues
     split_file = data / f"{split}.csv"
-    rows = select_rows(read_split(split_file), ev["max_rows"], config["seed"])
+    rows = select_rows(read_split(split_file), ev["max_rows"], data_seed(data, config["seed"]))
     check_request(index, rows, ev, split, source=str(split_file))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, meta = load_model(

@@ -120,6 +120,18 @@ def save_resolved_config(folder: str | Path, config: dict, name: str = "config.y
         yaml.safe_dump(config, f, sort_keys=True, allow_unicode=True)
 
 
+def data_seed(data: str | Path, default: int) -> int:
+    """The `seed` that `rere data` built the folder `data` with (its resolved config.yaml),
+    else `default`. The evaluation subsample (evaluate.max_rows) is drawn with it, so every
+    training seed of `seeds` is evaluated on the same rows of the same data."""
+    path = Path(data) / "config.yaml"
+    if not path.is_file():
+        return default
+    with open(path, encoding="utf-8") as f:
+        seed = (yaml.safe_load(f) or {}).get("seed")
+    return seed if isinstance(seed, int) else default
+
+
 def _literal(value: str, path: Path, line: int, column: str) -> Any:
     try:
         return ast.literal_eval(value)

@@ -16,18 +16,24 @@ Reads, for every (dataset, method) the config lists (`sft`, each `rl.variants` e
 - Snakemake's benchmark TSVs under `benchmarks/` (columns `s` = wall time in seconds and
   `max_rss` = peak resident memory in MB) for the per-stage time and memory.
 
-Writes `table.csv` (one row per dataset and method, each HR@K/NDCG@K with its 95% CI),
-`comparisons.csv` (every paired comparison, every metric), `report.md`, `report.html` and
-`figures/*.png`. A missing piece (no RL run, no benchmarks under DVC, no predictions.jsonl)
-is left out with a note in the report, never an error; only a run with no metrics at all is
-refused, and so are predictions that disagree with their metrics.json or with another
-method's rows (a paired comparison of different rows would be meaningless).
+With `seeds: [S, ...]` every `<dataset>/` above is `<dataset>/seed-<S>/` for each seed (the
+workflow trains and evaluates each seed there), and the report reads every seed's folders.
+
+Writes `table.csv` (one row per dataset and method, each HR@K/NDCG@K with its 95% CI; with
+`seeds`, one per dataset, seed and method), `comparisons.csv` (every paired comparison, every
+metric; with `seeds`, within each seed), with `seeds` `seeds.csv` (each metric's mean and
+spread across seeds), `report.md`, `report.html` and `figures/*.png`. A missing piece (no RL
+run, no benchmarks under DVC, no predictions.jsonl) is left out with a note in the report,
+never an error; only a run with no metrics at all is refused, and so are predictions that
+disagree with their metrics.json or with another method's rows (a paired comparison of
+different rows would be meaningless).
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import itertools
 import json
 import logging
 import math
@@ -73,6 +79,26 @@ def methods_of(config: dict) -> list[tuple[str, str]]:
         + [(v, "rl") for v in config["rl"]["variants"]]
         + [(b, "baseline") for b in config["baselines"]["methods"]]
     )
+
+
+def seeds_of(config: dict) -> list[int | None]:
+    """The training seeds whose runs the report reads: each of `seeds`, or [None] for the one
+    run of `seed` (whose folders have no seed level)."""
+    return list(config["seeds"]) if config["seeds"] else [None]
+
+
+def run_dir(root: Path, dataset: str, seed: int | None) -> Path:
+    """Where one seed's methods of `dataset` lie under results/ or models/.
+
+    >>> run_dir(Path("results"), "ml100k", None).as_posix(), run_dir(Path("results"), "ml100k", 43).as_posix()
+    ('results/ml100k', 'results/ml100k/seed-43')
+    """
+    return root / dataset if seed is None else root / dataset / f"seed-{seed}"
+
+
+def run_name(dataset: str, seed: int | None) -> str:
+    """How the report names one seed's run of a dataset: `ml100k`, or `ml100k/seed-43`."""
+    return dataset if seed is None else f"{dataset}/seed-{seed}"
 
 
 def invalid_rate(metrics: dict) -> float | None:
@@ -121,20 +147,22 @@ def read_row_metrics(folder: Path, ks: list[int], metrics: dict) -> tuple[list[t
 
 
 def results_table(results: Path, config: dict) -> tuple[list[dict], list[str], dict]:
-    """One row per (dataset, method) with a metrics.json, each metric with its 95% bootstrap
-    CI (`<metric>_lo`, `<metric>_hi`; None without predictions.jsonl); notes for the missing
-    ones; and the per-row metrics {(dataset, method): (row keys, {metric: array})}."""
+    """One row per (dataset, seed, method) with a metrics.json (seed None without `seeds`),
+    each metric with its 95% bootstrap CI (`<metric>_lo`, `<metric>_hi`; None without
+    predictions.jsonl); notes for the missing ones; and the per-row metrics
+    {(dataset, seed, method): (row keys, {metric: array})}."""
     ks = sorted(set(config["evaluate"]["ks"]))
     columns = metric_columns(config)
     rows, notes, per_row = [], [], {}
-    for dataset in config["datasets"]:
+    for dataset, seed in itertools.product(config["datasets"], seeds_of(config)):
         for method, kind in methods_of(config):
-            path = results / dataset / method / "metrics.json"
+            where = f"{run_name(dataset, seed)}/{method}"
+            path = run_dir(results, dataset, seed) / method / "metrics.json"
             if not path.is_file():
-                notes.append(f"{dataset}/{method}: no {path} (not run yet?), left out.")
+                notes.append(f"{where}: no {path} (not run yet?), left out.")
                 continue
             metrics = read_json(path)
-            row: dict[str, Any] = {"dataset": dataset, "method": method, "kind": kind}
+            row: dict[str, Any] = {"dataset": dataset, "seed": seed, "method": method, "kind": kind}
             for k in ks:
                 for name in (f"hr@{k}", f"ndcg@{k}"):
                     if name not in metrics:
@@ -148,10 +176,10 @@ def results_table(results: Path, config: dict) -> tuple[list[dict], list[str], d
                     row.setdefault(name.removeprefix("best_"), float(value))
             found = read_row_metrics(path.parent, ks, metrics)
             if found is None:
-                notes.append(f"{dataset}/{method}: no predictions.jsonl next to metrics.json, so no CI.")
+                notes.append(f"{where}: no predictions.jsonl next to metrics.json, so no CI.")
                 row.update({f"{c}_{end}": None for c in columns for end in ("lo", "hi")})
             else:
-                per_row[(dataset, method)] = found
+                per_row[(dataset, seed, method)] = found
                 _, lo, hi = stats.bootstrap_ci(np.column_stack([found[1][c] for c in columns]), seed=config["seed"])
                 for j, c in enumerate(columns):
                     row[f"{c}_lo"], row[f"{c}_hi"] = float(lo[j]), float(hi[j])
@@ -210,33 +238,38 @@ def best_baseline(rows: list[dict], metric: str) -> tuple[dict | None, str]:
 
 
 def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) -> tuple[list[dict], dict]:
-    """Paired comparisons per dataset: every RL variant and baseline against SFT, and every
-    method (SFT included) against the best baseline, on every metric column.
+    """Paired comparisons per dataset (and, with `seeds`, within each seed: a seed's methods
+    against that seed's SFT and best baseline): every RL variant and baseline against SFT, and
+    every method (SFT included) against the best baseline, on every metric column. `seed`
+    seeds the bootstrap and permutation draws.
 
-    Each line: dataset, method, reference, role ("sft" | "best baseline"), metric, value,
-    reference_value, diff = value - reference_value, relative, and from rere.stats.compare_columns
-    lo / hi (paired bootstrap 95% CI of diff), p (paired sign-flip permutation) and verdict;
-    those four are None when either method has no predictions.jsonl. Rows are checked to be
-    the same (same users, targets and histories in the same order) before any comparison.
-    Also returns {dataset: (best baseline method, how it was chosen)}.
+    Each line: dataset, seed (None without `seeds`), method, reference, role ("sft" | "best
+    baseline"), metric, value, reference_value, diff = value - reference_value, relative, and
+    from rere.stats.compare_columns lo / hi (paired bootstrap 95% CI of diff), p (paired
+    sign-flip permutation) and verdict; those four are None when either method has no
+    predictions.jsonl. Rows are checked to be the same (same users, targets and histories in
+    the same order) before any comparison.
+    Also returns {run_name: (best baseline method, how it was chosen)}, run_name being the
+    dataset, or `<dataset>/seed-<S>` with `seeds`.
     """
     out, best_of = [], {}
     sel = selection_metric(columns)
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        ds_rows = [r for r in rows if r["dataset"] == dataset]
+    for dataset, trained in dict.fromkeys((r["dataset"], r["seed"]) for r in rows):
+        name = run_name(dataset, trained)
+        ds_rows = [r for r in rows if (r["dataset"], r["seed"]) == (dataset, trained)]
         by_method = {r["method"]: r for r in ds_rows}
         best, how = best_baseline(ds_rows, sel)
         if best is not None:
-            best_of[dataset] = (best["method"], how)
+            best_of[name] = (best["method"], how)
         pairs = []
         if "sft" in by_method:
             pairs += [(r, by_method["sft"], "sft") for r in ds_rows if r["kind"] != "sft"]
         if best is not None:
             pairs += [(r, best, "best baseline") for r in ds_rows if r["method"] != best["method"]]
         for row, ref, role in pairs:
-            a, b = per_row.get((dataset, ref["method"])), per_row.get((dataset, row["method"]))
+            a, b = per_row.get((dataset, trained, ref["method"])), per_row.get((dataset, trained, row["method"]))
             if a is not None and b is not None:
-                stats.check_aligned(a[0], b[0], f"{dataset}/{ref['method']}", f"{dataset}/{row['method']}")
+                stats.check_aligned(a[0], b[0], f"{name}/{ref['method']}", f"{name}/{row['method']}")
                 tested = stats.compare_columns(a[1], b[1], seed=seed)
             else:
                 tested = {}
@@ -245,6 +278,7 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
                 out.append(
                     {
                         "dataset": dataset,
+                        "seed": trained,
                         "method": row["method"],
                         "reference": ref["method"],
                         "role": role,
@@ -260,6 +294,71 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
                     }
                 )
     return out, best_of
+
+
+def across_seeds(rows: list[dict], config: dict) -> list[dict]:
+    """Per (dataset, method) and metric column, over the seeds that have its metrics.json:
+    n_seeds, mean, std (sample standard deviation, ddof 1; None for one seed), min and max.
+    Config order of datasets, methods and columns.
+
+    >>> config = {"datasets": {"d": {}}, "rl": {"variants": {}}, "baselines": {"methods": []},
+    ...           "evaluate": {"ks": [10]}}
+    >>> rows = [{"dataset": "d", "method": "sft", "kind": "sft", "hr@10": h, "ndcg@10": n}
+    ...         for h, n in [(0.1, 0.02), (0.2, 0.04)]]
+    >>> [(a["metric"], a["n_seeds"], round(a["mean"], 6), round(a["std"], 6)) for a in across_seeds(rows, config)]
+    [('hr@10', 2, 0.15, 0.070711), ('ndcg@10', 2, 0.03, 0.014142)]
+    """
+    out = []
+    for dataset, (method, kind) in itertools.product(config["datasets"], methods_of(config)):
+        found = [r for r in rows if (r["dataset"], r["method"]) == (dataset, method)]
+        if not found:
+            continue
+        for col in metric_columns(config):
+            x = np.array([r[col] for r in found], dtype=np.float64)  # (n_seeds,)
+            out.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "kind": kind,
+                    "metric": col,
+                    "n_seeds": len(x),
+                    "mean": float(x.mean()),
+                    "std": float(x.std(ddof=1)) if len(x) > 1 else None,
+                    "min": float(x.min()),
+                    "max": float(x.max()),
+                }
+            )
+    return out
+
+
+SEEDS_COLUMNS = ["dataset", "method", "kind", "metric", "n_seeds", "mean", "std", "min", "max"]
+
+
+def mean_rows(spread: list[dict], columns: list[str]) -> list[dict]:
+    """across_seeds' lines as one row per method, its mean per column and min / max as the
+    `<metric>_lo` / `<metric>_hi` that plot_metric_bars draws."""
+    out: dict[str, dict] = {}
+    for a in spread:
+        if a["metric"] in columns:
+            row = out.setdefault(a["method"], {"method": a["method"]})
+            row[a["metric"]], row[f"{a['metric']}_lo"], row[f"{a['metric']}_hi"] = a["mean"], a["min"], a["max"]
+    return list(out.values())
+
+
+def rows_differ_across_seeds(per_row: dict) -> list[str]:
+    """Notes for each seed whose evaluated rows are not the first seed's rows of the same dataset
+    (then the spread across seeds also holds the choice of rows, not only training)."""
+    first: dict[str, tuple] = {}
+    notes: dict[tuple, str] = {}  # one per (dataset, seed)
+    for (dataset, trained, method), (keys, _) in per_row.items():
+        ref_seed, ref_keys = first.setdefault(dataset, (trained, keys))
+        if trained != ref_seed and keys != ref_keys:
+            notes.setdefault(
+                (dataset, trained),
+                f"{run_name(dataset, trained)}/{method} was evaluated on other rows than "
+                f"{run_name(dataset, ref_seed)}: the spread across seeds also holds the choice of rows.",
+            )
+    return list(notes.values())
 
 
 def read_trainer_log(path: Path) -> list[dict]:
@@ -431,9 +530,11 @@ def plot_rl_curves(runs: dict[str, list[dict]], title: str, path: Path) -> bool:
     return True
 
 
-def plot_metric_bars(rows: list[dict], columns: list[str], title: str, path: Path) -> None:
-    """Grouped bars: one group per metric column, one bar per method, with the 95% CI as
-    error bars where the row has one (`<metric>_lo` / `<metric>_hi`)."""
+def plot_metric_bars(
+    rows: list[dict], columns: list[str], title: str, path: Path, bars: str = "bars: 95% bootstrap CI"
+) -> None:
+    """Grouped bars: one group per metric column, one bar per method, with error bars from
+    `<metric>_lo` to `<metric>_hi` where the row has them (the 95% CI, or what `bars` says)."""
     plt = _pyplot()
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * max(len(rows), 1) * 0.5), 3.8))
@@ -446,7 +547,7 @@ def plot_metric_bars(rows: list[dict], columns: list[str], title: str, path: Pat
                     [row[f"{c}_hi"] - v for c, v in zip(columns, values, strict=True)]]  # fmt: skip
         ax.bar(xs, values, width=width, label=row["method"], yerr=yerr, capsize=2)
     ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(columns))], [c.upper() for c in columns])
-    ax.set_ylabel("score (bars: 95% bootstrap CI)")
+    ax.set_ylabel(f"score ({bars})")
     ax.set_title(title)
     ax.legend(fontsize="small", ncols=2)
     ax.grid(axis="y", alpha=0.3)
@@ -601,6 +702,26 @@ def _verdict(c: dict) -> str:
     return "n/a (no predictions)" if c["verdict"] is None else VERDICT_SHOWN[c["verdict"]]
 
 
+def report_across_seeds(report: Report, spread: list[dict], shown: list[str]) -> None:
+    """The "Across seeds" section: mean ± std of the headline metrics per dataset and method."""
+    report.heading("Across seeds")
+    report.para(
+        "Mean ± sample standard deviation (ddof 1) over the seeds with results, on the same data, index and "
+        "evaluated rows: the spread is the training randomness (initialisation, SFT and RL order, sampling). "
+        "seeds.csv has every metric with its min and max."
+    )
+    by = {(a["dataset"], a["method"], a["metric"]): a for a in spread}
+    lines = list(dict.fromkeys((a["dataset"], a["method"]) for a in spread))
+
+    def cell(a: dict) -> str:
+        return f"{a['mean']:.4f} (one seed)" if a["std"] is None else f"{a['mean']:.4f} ± {a['std']:.4f}"
+
+    report.table(
+        ["dataset", "method", "seeds", *[m.upper() for m in shown]],
+        [[d, m, str(by[(d, m, shown[0])]["n_seeds"]), *[cell(by[(d, m, c)]) for c in shown]] for d, m in lines],
+    )
+
+
 def data_warnings(data: Path, config: dict) -> list[str]:
     """Header warnings about what a dataset's splits are: a D3 import whose train split is a
     copy of valid (`missing_train: use_valid`, recorded as `train_from: valid` in stats.json)."""
@@ -646,10 +767,15 @@ def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
             )
 
 
-def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
+def _with_seed(header: list[str], seeded: bool) -> list[str]:
+    """A CSV header with a `seed` column after `dataset` when the run has `seeds`."""
+    return [header[0], "seed", *header[1:]] if seeded else header
+
+
+def write_table(path: Path, rows: list[dict], columns: list[str], seeded: bool = False) -> None:
     # a baseline generates nothing, so its invalid rate is not 0 but not applicable
     rows = [{**r, "invalid_rate": "n/a" if r["invalid_rate"] is None else r["invalid_rate"]} for r in rows]
-    write_csv(path, ["dataset", "method", "kind", *table_columns(columns), *TABLE_TAIL], rows)
+    write_csv(path, _with_seed(["dataset", "method", "kind", *table_columns(columns), *TABLE_TAIL], seeded), rows)
 
 
 COMPARISON_COLUMNS = [
@@ -663,6 +789,11 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     return what was found. `data` (default: `data` next to `results`) holds each dataset's
     stats.json."""
     rows, notes, per_row = results_table(results, config)
+    if not rows and config["seeds"]:
+        raise RereError(
+            f"no metrics.json under {results}/<dataset>/seed-<S>/ for the configured datasets, methods and seeds; "
+            "run the pipeline first (Snakemake: `dvc repro` runs `seed` only and writes no seed folders)."
+        )
     if not rows:
         raise RereError(
             f"no metrics.json under {results} for the configured datasets and methods; run the pipeline first."
@@ -670,14 +801,21 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     data = Path(data) if data is not None else results.parent / "data"
     columns = metric_columns(config)
     seed = config["seed"]
+    seeded = bool(config["seeds"])
     sel = selection_metric(columns)
     tested, best_of = comparisons(rows, per_row, columns, seed)
+    spread = across_seeds(rows, config) if seeded else []
+    if seeded:
+        notes += rows_differ_across_seeds(per_row)
 
     report = Report()
     report.heading("rere results", 1)
+    trained = f"seed: {seed}"
+    if seeded:
+        trained = f"seeds: {', '.join(map(str, config['seeds']))} (data and index built with seed {seed})"
     report.para(
         f"Split: {config['evaluate']['split']}; beams: {config['evaluate']['num_beams']}; "
-        f"seed: {seed}. HR@K and NDCG@K over all evaluated rows, full catalogue."
+        f"{trained}. HR@K and NDCG@K over all evaluated rows, full catalogue."
     )
     for warning in data_warnings(data, config):
         report.para(warning)
@@ -685,15 +823,24 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         f"[lo, hi]: 95% percentile-bootstrap interval over the evaluated rows ({stats.N_RESAMPLES} resamples, "
         f"seed {seed}). Differences are paired (the same rows for both methods, resampled jointly); p is a "
         f"two-sided paired sign-flip permutation test ({stats.N_RESAMPLES} sign vectors, exact for at most "
-        f"{stats.EXACT_MAX_ROWS} rows). One seed per method: the intervals cover the choice of test rows, not "
-        "training randomness; no correction for the number of comparisons."
+        f"{stats.EXACT_MAX_ROWS} rows). "
+        + (
+            "Intervals and tests are per seed (a seed's methods against that seed's SFT and best baseline): they "
+            "cover the choice of test rows; the spread across seeds (Across seeds, seeds.csv) is the training "
+            "randomness. No correction for the number of comparisons."
+            if seeded
+            else "One seed per method: the intervals cover the choice of test rows, not training randomness; no "
+            "correction for the number of comparisons."
+        )
     )
     report.heading("Results")
     report.table(
-        ["dataset", "method", *[c.upper() for c in columns], "invalid", "rows/s", "rows"],
+        ["dataset", *(["seed"] if seeded else []), "method", *[c.upper() for c in columns], "invalid", "rows/s",
+         "rows"],
         [
             [
                 r["dataset"],
+                *([str(r["seed"])] if seeded else []),
                 r["method"],
                 *[_with_ci(r, c) for c in columns],
                 _fmt(r["invalid_rate"]),
@@ -702,13 +849,15 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             ]
             for r in rows
         ],
-    )
+    )  # fmt: skip
+    if seeded:
+        report_across_seeds(report, spread, headline_metrics(columns))
 
     report.heading("Relative gain of ReRe and the other methods, with paired 95% CIs")
     shown = headline_metrics(columns)
-    for dataset, (method, how) in best_of.items():
+    for name, (method, how) in best_of.items():
         report.para(
-            f"{dataset}: the best baseline is {method} ({how}). "
+            f"{name}: the best baseline is {method} ({how}). "
             + (
                 "It is picked on the split the table reports, so it is a reference line, not a tuned choice."
                 if "evaluated split" in how
@@ -718,18 +867,19 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     for c in headline_comparisons(tested, list(config["rl"]["variants"]), sel):
         ratio = "" if not c["reference_value"] else f" ({c['value'] / c['reference_value']:.2f}x)"
         report.para(
-            f"{c['dataset']}: {c['method']} - {c['reference']} on {sel.upper()} = {_diff_ci(c)}{ratio}, "
-            f"p = {_p(c['p'])}: {_verdict(c)}."
+            f"{run_name(c['dataset'], c['seed'])}: {c['method']} - {c['reference']} on {sel.upper()} = "
+            f"{_diff_ci(c)}{ratio}, p = {_p(c['p'])}: {_verdict(c)}."
         )
     table = [c for c in tested if c["metric"] in shown]
     if table:
         report.table(
-            ["dataset", "method", "vs", "metric", "value", "reference", "difference [95% CI]", "relative", "p",
-             "verdict"],
+            ["dataset", *(["seed"] if seeded else []), "method", "vs", "metric", "value", "reference",
+             "difference [95% CI]", "relative", "p", "verdict"],
             [
-                [c["dataset"], c["method"], c["reference"] + (" (best baseline)" if c["role"] != "sft" else ""),
-                 c["metric"].upper(), _fmt(c["value"]), _fmt(c["reference_value"]), _diff_ci(c),
-                 _pct(c["relative"]), _p(c["p"]), _verdict(c)]
+                [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"],
+                 c["reference"] + (" (best baseline)" if c["role"] != "sft" else ""), c["metric"].upper(),
+                 _fmt(c["value"]), _fmt(c["reference_value"]), _diff_ci(c), _pct(c["relative"]), _p(c["p"]),
+                 _verdict(c)]
                 for c in table
             ],
         )  # fmt: skip
@@ -751,27 +901,30 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             "(1 - frac_reward_zero_std)."
         )
         for dataset in config["datasets"]:
-            runs, signal = {}, {}
-            for variant in config["rl"]["variants"]:
-                folder = models / dataset / variant
+            runs, signal = {}, {}  # by line label: the variant, and with `seeds` its seed
+            for trained, variant in itertools.product(seeds_of(config), config["rl"]["variants"]):
+                label = variant if trained is None else f"{variant} seed {trained}"
+                folder = run_dir(models, dataset, trained) / variant
                 log_path = folder / "trainer_log.jsonl"
+                where = f"{run_name(dataset, trained)}/{variant}"
                 if log_path.is_file():
-                    runs[variant] = read_trainer_log(log_path)
-                    sig = rl_signal(folder, runs[variant], config)
+                    runs[label] = read_trainer_log(log_path)
+                    sig = rl_signal(folder, runs[label], config)
                     if sig is not None:
-                        signal[variant] = sig
+                        signal[label] = {**sig, "seed": trained, "variant": variant}
                     else:
-                        notes.append(f"{dataset}/{variant}: {log_path} has no frac_reward_zero_std, no signal share.")
+                        notes.append(f"{where}: {log_path} has no frac_reward_zero_std, no signal share.")
                 else:
-                    notes.append(f"{dataset}/{variant}: no {log_path}, no RL curve.")
+                    notes.append(f"{where}: no {log_path}, no RL curve.")
             if signal:
                 report.table(
-                    ["dataset", "variant", "steps", "groups", "with signal", "share", "groups decoded",
-                     "groups per step from"],
+                    ["dataset", *(["seed"] if seeded else []), "variant", "steps", "groups", "with signal", "share",
+                     "groups decoded", "groups per step from"],
                     [
-                        [dataset, v, str(len(sig["steps"])), str(sig["groups"]), str(sig["with_signal"]),
-                         f"{sig['share']:.3f}", _fmt(sig["decoded"]), sig["source"]]
-                        for v, sig in signal.items()
+                        [dataset, *([str(sig["seed"])] if seeded else []), sig["variant"], str(len(sig["steps"])),
+                         str(sig["groups"]), str(sig["with_signal"]), f"{sig['share']:.3f}", _fmt(sig["decoded"]),
+                         sig["source"]]
+                        for sig in signal.values()
                     ],
                 )  # fmt: skip
                 plot_signal(signal, f"{dataset}: share of groups with signal", fig_dir / f"signal_{dataset}.png")
@@ -784,8 +937,17 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         report.heading("Figures")
         for dataset in config["datasets"]:
             ds_rows = [r for r in rows if r["dataset"] == dataset]
-            if ds_rows:
-                ndcg = [c for c in columns if c.startswith("ndcg@")]
+            ndcg = [c for c in columns if c.startswith("ndcg@")]
+            if ds_rows and seeded:
+                plot_metric_bars(
+                    mean_rows([a for a in spread if a["dataset"] == dataset], ndcg),
+                    ndcg,
+                    f"{dataset}: NDCG@K per method, mean over seeds",
+                    fig_dir / f"ndcg_{dataset}.png",
+                    bars="bars: min to max over the seeds",
+                )
+                report.image(f"figures/ndcg_{dataset}.png", f"NDCG@K per method on {dataset} (mean, min-max bars)")
+            elif ds_rows:
                 plot_metric_bars(ds_rows, ndcg, f"{dataset}: NDCG@K per method", fig_dir / f"ndcg_{dataset}.png")
                 report.image(f"figures/ndcg_{dataset}.png", f"NDCG@K per method on {dataset} (95% CI bars)")
         report.heading("Time and memory per stage")
@@ -808,13 +970,22 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             report.para(note)
             log.info(note)
 
-    write_table(out / "table.csv", rows, columns)
-    write_csv(out / "comparisons.csv", COMPARISON_COLUMNS, tested)
+    write_table(out / "table.csv", rows, columns, seeded)
+    write_csv(out / "comparisons.csv", _with_seed(COMPARISON_COLUMNS, seeded), tested)
+    if seeded:
+        write_csv(out / "seeds.csv", SEEDS_COLUMNS, spread)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(report.markdown(), encoding="utf-8")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(report.html("rere results"), encoding="utf-8")
-    return {"rows": rows, "comparisons": tested, "best_baseline": best_of, "benchmarks": bench, "notes": notes}
+    return {
+        "rows": rows,
+        "comparisons": tested,
+        "best_baseline": best_of,
+        "seeds": spread,
+        "benchmarks": bench,
+        "notes": notes,
+    }
 
 
 def run(args, config: dict) -> int:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from rere import RereError
@@ -94,6 +95,29 @@ def _test_hr1(model, data):
 
 
 # ----------------------------------------------------------------------------- pop
+
+
+def test_subsample_is_drawn_with_the_seed_the_data_was_built_with(tmp_path, monkeypatch):
+    """With `seeds`, each seed's job runs with `--set seed=S` on data built once with `seed`:
+    evaluate.max_rows must pick the same rows for every S, the data's (its config.yaml)."""
+    data = make_successor_data(tmp_path / "data" / "succ")
+    monkeypatch.chdir(tmp_path)
+    all_test = load_dataset(data, ("test",)).splits["test"]
+
+    def users(seed: int) -> list:
+        out = tmp_path / "results" / f"seed-{seed}"
+        sets = ["tracking.mlflow=false", "evaluate.max_rows=10", f"seed={seed}"]
+        argv = ["baseline", "--method", "pop", "--data", str(data), "--out", str(out), "-q"]
+        assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
+        return [p["user_id"] for p in read_jsonl(out / "predictions.jsonl")]
+
+    def picked(seed: int) -> list:
+        return [r["user_id"] for r in select_rows(all_test, 10, seed)]
+
+    assert not (data / "config.yaml").exists()  # no record of the data's seed: the job's own
+    assert users(7) == picked(7) and users(8) == picked(8) != picked(7)
+    (data / "config.yaml").write_text(yaml.safe_dump({"seed": 42}))  # as `rere data` saves it
+    assert users(7) == users(8) == picked(42)
 
 
 def test_popularity_counts_distinct_train_interactions_by_hand():

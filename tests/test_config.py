@@ -72,3 +72,16 @@ def test_cli_reports_config_error_without_traceback(capsys):
     err = capsys.readouterr().err
     assert "unknown key ['nope'] under 'sft'" in err
     assert "Traceback" not in err
+
+
+def test_seeds_are_null_or_distinct_integers():
+    assert load_config()["seeds"] is None  # default: one run with `seed`
+    assert load_config(overrides=["seeds=[42, 43, 44]"])["seeds"] == [42, 43, 44]
+    with pytest.raises(RereError, match=r"--set seeds=\[1, 1\]: key 'seeds': \[1, 1\] has non-unique elements"):
+        load_config(overrides=["seeds=[1, 1]"])
+    with pytest.raises(RereError, match=r"key 'seeds.1': 2.5 is not of type 'integer'"):
+        load_config(overrides=["seeds=[1, 2.5]"])
+    with pytest.raises(RereError, match=r"key 'seeds.0': 'a' is not of type 'integer'"):
+        load_config(overrides=["seeds=[a]"])
+    with pytest.raises(RereError, match=r"key 'seeds': \[\] should be non-empty"):
+        load_config(overrides=["seeds=[]"])

@@ -44,8 +44,8 @@ def ranked(target: int, rank: int) -> list[int]:
     return items
 
 
-def write_method(root: Path, method: str, ranks: list[int], rows=ROWS, **extra) -> Path:
-    folder = root / "results" / "tiny" / method
+def write_method(root: Path, method: str, ranks: list[int], rows=ROWS, seed=None, **extra) -> Path:
+    folder = root / "results" / "tiny" / ("" if seed is None else f"seed-{seed}") / method
     lists = [ranked(r["item_id"], k) for r, k in zip(rows, ranks, strict=True)]
     write_results(folder, rows, lists, [[0.0] * 5] * len(rows), [1, 5], {**EXTRA.get(method, {}), **extra})
     return folder
@@ -267,3 +267,99 @@ def test_benchmark_repeats_and_bad_files(tmp_path):
 
 def test_doctests():
     assert doctest.testmod(rere.report).failed == 0
+
+
+# seeds: [1, 2]. Each list is 30 ranks: `[1] * n` hits at rank 1 on n rows, so HR@1 = HR@5 =
+# NDCG@5 = n / 30; rank 2 on every row gives HR@1 0, HR@5 1 and NDCG@5 1 / log2(3).
+SEEDED = {
+    1: {"sft": [1] * 6 + [0] * 24, "rere": [1] * 30, "pop": [1] * 3 + [0] * 27, "sasrec": [1] * 9 + [0] * 21},
+    2: {"sft": [1] * 12 + [0] * 18, "rere": [2] * 30, "pop": [1] * 3 + [0] * 27},  # sasrec not run for seed 2
+}
+
+
+def make_seeded_run(root: Path, rows=None) -> None:
+    for seed, ranks in SEEDED.items():
+        for method, r in ranks.items():
+            write_method(root, method, r, rows=(rows or {}).get(seed, ROWS), seed=seed)
+    write_method(root, "sft", [0] * 30)  # the unseeded folder of an earlier run: not read
+    folder = root / "models" / "tiny" / "seed-2" / "rere"
+    folder.mkdir(parents=True)
+    (folder / "trainer_log.jsonl").write_text(
+        json.dumps({"step": 1, "reward": 0.3, "kl": 0.1, "frac_reward_zero_std": 0.5}) + "\n"
+    )
+
+
+def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(tmp_path):
+    make_seeded_run(tmp_path)
+    config = load_config([TINY], ["seeds=[1, 2]"])
+    out = tmp_path / "out"
+    found = build(config, tmp_path / "results", tmp_path / "models", tmp_path / "b", out)
+
+    table = read_csv(out / "table.csv")
+    assert list(table[0])[:4] == ["dataset", "seed", "method", "kind"] and "ndcg@5_lo" in table[0]
+    assert [(r["seed"], r["method"]) for r in table] == [
+        ("1", "sft"), ("1", "rere"), ("1", "pop"), ("1", "sasrec"), ("2", "sft"), ("2", "rere"), ("2", "pop"),
+    ]  # fmt: skip
+    assert [float(r["ndcg@5"]) for r in table if r["method"] == "sft"] == [0.2, 0.4]  # not the unseeded 0
+
+    spread = {(r["method"], r["metric"]): r for r in read_csv(out / "seeds.csv")}
+    assert list(next(iter(spread.values()))) == [
+        "dataset", "method", "kind", "metric", "n_seeds", "mean", "std", "min", "max"
+    ]  # fmt: skip
+    # sft NDCG@5 0.2 and 0.4: mean 0.3, std sqrt((0.1^2 + 0.1^2) / (2 - 1)) = 0.141421
+    sft = spread[("sft", "ndcg@5")]
+    assert (sft["n_seeds"], sft["mean"], sft["std"], sft["min"], sft["max"]) == (
+        "2", "0.300000", "0.141421", "0.200000", "0.400000"
+    )  # fmt: skip
+    # rere HR@1 1 and 0: mean 0.5, std 1 / sqrt(2); NDCG@5 1 and 1 / log2(3) = 0.630930
+    assert (spread[("rere", "hr@1")]["mean"], spread[("rere", "hr@1")]["std"]) == ("0.500000", "0.707107")
+    assert float(spread[("rere", "ndcg@5")]["mean"]) == pytest.approx((1 + 1 / math.log2(3)) / 2, abs=1e-6)
+    assert float(spread[("rere", "ndcg@5")]["std"]) == pytest.approx((1 - 1 / math.log2(3)) / math.sqrt(2), abs=1e-6)
+    assert spread[("pop", "hr@5")]["std"] == "0.000000"  # the same 0.1 for both seeds
+    assert (spread[("sasrec", "ndcg@5")]["n_seeds"], spread[("sasrec", "ndcg@5")]["std"]) == ("1", "")
+    assert len(spread) == len(found["seeds"]) == 4 * 4  # 4 methods x 4 metrics; grpo has no seed at all
+
+    # each seed's methods against that seed's SFT and best baseline (seed 2 has only pop)
+    assert found["best_baseline"] == {
+        "tiny/seed-1": ("sasrec", "best by NDCG@5 on the evaluated split"),
+        "tiny/seed-2": ("pop", "best by NDCG@5 on the evaluated split"),
+    }
+    tested = read_csv(out / "comparisons.csv")
+    assert list(tested[0])[:3] == ["dataset", "seed", "method"]
+    by = {(c["seed"], c["method"], c["reference"], c["metric"]): c for c in tested}
+    assert float(by[("2", "rere", "sft", "hr@5")]["diff"]) == pytest.approx(1.0 - 0.4)  # seed 2's SFT
+    assert float(by[("1", "rere", "sft", "hr@5")]["diff"]) == pytest.approx(1.0 - 0.2)  # seed 1's SFT
+    assert float(by[("1", "sft", "sasrec", "ndcg@5")]["diff"]) == pytest.approx(0.2 - 0.3)
+    assert float(by[("2", "sft", "pop", "ndcg@5")]["diff"]) == pytest.approx(0.4 - 0.1)
+    assert len(tested) == 4 * ((3 + 3) + (2 + 2))  # seed 1 as unseeded; seed 2: rere, pop vs sft; sft, rere vs pop
+
+    md = (out / "report.md").read_text()
+    assert "seeds: 1, 2 (data and index built with seed 42)" in md
+    assert "| dataset | seed | method | HR@1 |" in md and "| tiny | 2 | sft | 0.4000 [" in md
+    across = md[md.index("## Across seeds") : md.index("## Relative gain")]
+    assert "| dataset | method | seeds | HR@5 | NDCG@5 |" in across
+    assert "| tiny | sft | 2 | 0.3000 ± 0.1414 | 0.3000 ± 0.1414 |" in across
+    assert "| tiny | sasrec | 1 | 0.3000 (one seed) | 0.3000 (one seed) |" in across
+    assert "tiny/seed-2: the best baseline is pop" in md and "tiny/seed-1: rere - sft on NDCG@5 = +0.8000 [" in md
+    assert "| tiny | 2 | rere | 1 | 2 | 1 | 0.500 |" in md  # seed 2's RL log (2 groups per step), in its folder
+    assert "tiny/seed-1/rere: no " in md and "tiny/seed-2/sasrec: no " in md  # missing pieces, per seed
+    assert "other rows" not in md  # every seed evaluated the same rows
+    assert (out / "figures" / "ndcg_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(mean, min-max bars)" in md
+
+
+def test_seeds_evaluated_on_other_rows_are_noted(tmp_path):
+    make_seeded_run(tmp_path, rows={2: ROWS[::-1]})  # seed 2: the same rows in another order
+    config = load_config([TINY], ["seeds=[1, 2]"])
+    found = build(config, tmp_path / "results", tmp_path / "models", tmp_path / "b", tmp_path / "out")
+    assert [n for n in found["notes"] if "other rows" in n] == [
+        "tiny/seed-2/sft was evaluated on other rows than tiny/seed-1: the spread across seeds also holds the "
+        "choice of rows."
+    ]
+
+
+def test_seeds_without_seed_folders_say_where_they_were_looked_for(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)  # an unseeded run, as `dvc repro` writes it
+    config = load_config([TINY], ["seeds=[1, 2]"])
+    with pytest.raises(RereError, match=r"no metrics.json under .*/<dataset>/seed-<S>/.*`dvc repro` runs `seed` only"):
+        build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")

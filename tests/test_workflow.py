@@ -154,6 +154,68 @@ def test_config_overrides_reach_every_stage_as_set(workdir):
         assert f"--config tests/config/tiny.yaml {overrides} " in job["shell"], job["shell"]
 
 
+def test_seeds_give_one_branch_per_seed_on_data_and_index_built_once(workdir):
+    """`seeds: [1, 2]`: model, sft, rl, evaluate and baseline once per seed, each job with
+    `--set seed=S` and under seed-S folders; data and index once, for every seed."""
+    jobs = dry_run_jobs(workdir, "--configfile", "tests/config/tiny.yaml", "--config", "seeds=[1, 2]")
+    # tiny.yaml: variants rere, grpo; baselines pop, sasrec
+    assert Counter(j["rule"] for j in jobs) == {
+        "data": 1, "index": 1, "model": 2, "sft": 2, "rl": 2 * 2, "evaluate": 2 * 3, "baseline": 2 * 2, "report": 1,
+    }  # fmt: skip
+    shared = {"data/tiny", "index/tiny/index.json"}
+    for job in jobs:
+        if job["rule"] in ("data", "index", "report"):
+            assert "--set seed=" not in job["shell"] and "seed-" not in " ".join(job["output"]), job
+            continue
+        (seed,) = {m for path in job["output"] for m in re.findall(r"/seed-(\d+)/", path)}
+        assert all(path.startswith(("models/tiny/", "results/tiny/")) for path in job["output"])
+        assert all(f"/tiny/seed-{seed}/" in path for path in job["output"]), job
+        assert all(p in shared or f"/tiny/seed-{seed}/" in p for p in job["input"]), job  # its own seed's model
+        assert f"--config tests/config/tiny.yaml --set 'seeds=[1, 2]' --set seed={seed} " in job["shell"], job
+        assert re.search(rf"> logs/{job['rule']}/tiny/seed-{seed}[/.]", job["shell"]), job["shell"]
+    sft = {j["output"][0]: j for j in jobs if j["rule"] == "sft"}
+    assert command(sft["models/tiny/seed-2/sft"]["shell"]) == (
+        "rere sft --config tests/config/tiny.yaml --set 'seeds=[1, 2]' --set seed=2 --data data/tiny"
+        " --index index/tiny --model models/tiny/seed-2/base --out models/tiny/seed-2/sft"
+    )
+    assert {j["output"][0] for j in jobs if j["rule"] == "rl"} == {
+        f"models/tiny/seed-{s}/{v}" for s in (1, 2) for v in ("rere", "grpo")
+    }
+    (report,) = [j for j in jobs if j["rule"] == "report"]
+    methods = ["sft", "rere", "grpo", "pop", "sasrec"]
+    assert set(report["input"]) == {
+        *(f"results/tiny/seed-{s}/{m}/metrics.json" for s in (1, 2) for m in methods),
+        *(f"models/tiny/seed-{s}/{v}" for s in (1, 2) for v in ("rere", "grpo")),
+        "data/tiny",
+    }
+    assert "results/seeds.csv" in report["output"]
+    assert "results/seeds.csv" not in next(j for j in dry_run_jobs(workdir) if j["rule"] == "report")["output"]
+
+
+@pytest.mark.slow
+def test_a_seeds_job_records_its_seed_and_evaluates_the_datas_rows(tmp_path):
+    """data and the pop baseline of two seeds for real, on a subsample: each job's resolved
+    config says its seed, the data's says `seed`, and both seeds ranked the same rows."""
+    work = copy_workflow(tmp_path)
+    targets = [f"results/tiny/seed-{s}/pop/metrics.json" for s in (1, 2)]
+    proc = snakemake(
+        "--cores", "1", *targets, "--configfile", "tests/config/tiny.yaml",
+        "--config", "seeds=[1, 2]", "evaluate={max_rows: 10}", cwd=work,
+    )  # fmt: skip
+    logs = "".join(p.read_text() for p in (work / "logs").rglob("*.log"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs
+    assert yaml.safe_load((work / "data/tiny/config.yaml").read_text())["seed"] == 42  # the schema's default
+    users = {}
+    for s in (1, 2):
+        folder = work / f"results/tiny/seed-{s}/pop"
+        resolved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert (resolved["seed"], resolved["seeds"]) == (s, [1, 2])
+        users[s] = [json.loads(line)["user_id"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(users[1]) == 10 and users[1] == users[2]
+    assert (work / "logs/baseline/tiny/seed-2/pop.log").is_file()
+    assert (work / "benchmarks/baseline/tiny/seed-1/pop.tsv").is_file()
+
+
 def test_config_override_typo_fails_naming_the_key(workdir):
     proc = snakemake("--dry-run", "--config", "sft={max_stepz: 3}", cwd=workdir)
     out = proc.stdout + proc.stderr

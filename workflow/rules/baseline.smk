@@ -2,12 +2,12 @@ rule baseline:
     input:
         data="data/{dataset}",
     output:
-        metrics="results/{dataset}/{method}/metrics.json",
-        predictions="results/{dataset}/{method}/predictions.jsonl",
+        metrics=per_seed("results/{dataset}/{method}/metrics.json"),
+        predictions=per_seed("results/{dataset}/{method}/predictions.jsonl"),
     log:
-        "logs/baseline/{dataset}/{method}.log",
+        per_seed("logs/baseline/{dataset}/{method}.log"),
     benchmark:
-        "benchmarks/baseline/{dataset}/{method}.tsv"
+        per_seed("benchmarks/baseline/{dataset}/{method}.tsv")
     wildcard_constraints:
         method=ONE_OF["baseline"],
     conda:
@@ -17,7 +17,7 @@ rule baseline:
         mem_mb=4000,
         runtime=120,
     params:
-        config=CONFIG_ARGS,
+        config=seed_config_args,
         out=subpath(output.metrics, parent=True),
         settings=[config["baselines"], config["evaluate"]],
     shell:

@@ -1,5 +1,6 @@
 # Helpers the Snakefile and the rules share: how `rere` is called (config files, `--config`
-# overrides, launcher) and the checks that fail fast on a cluster set-up mistake.
+# overrides, one seed of `seeds`, launcher) and the checks that fail fast on a cluster
+# set-up mistake.
 import json
 import os
 import shlex
@@ -74,6 +75,33 @@ def rere_config_args(files, overrides):
     args = [arg for f in files for arg in ("--config", f)]
     args += [arg for item in overrides for arg in ("--set", item)]
     return shlex.join(args)
+
+
+def per_seed(path):
+    """A training or evaluation stage's path, with a seed folder after the dataset when the
+    config lists `seeds` (models/{dataset}/sft -> models/{dataset}/seed-{seed}/sft,
+    logs/sft/{dataset}.log -> logs/sft/{dataset}/seed-{seed}.log); as given without."""
+    if not config["seeds"]:
+        return path
+    if "{dataset}/" in path:
+        return path.replace("{dataset}/", "{dataset}/seed-{seed}/", 1)
+    return path.replace("{dataset}.", "{dataset}/seed-{seed}.", 1)
+
+
+def each_seed(pattern, **wildcards):
+    """expand() of per_seed(pattern): over the wildcards given, and every seed of `seeds`."""
+    if config["seeds"]:
+        wildcards["seed"] = config["seeds"]
+    return expand(per_seed(pattern), **wildcards)
+
+
+def seed_config_args(wildcards):
+    """CONFIG_ARGS, and for a job of seed S `--set seed=S` after them (the last --set of a
+    key wins), so the stage trains with S and its resolved config.yaml records S."""
+    seed = getattr(wildcards, "seed", None)
+    if seed is None:
+        return CONFIG_ARGS
+    return f"{CONFIG_ARGS} {shlex.join(['--set', f'seed={seed}'])}"
 
 
 def launcher(launch, stage):

@@ -2,14 +2,14 @@ rule evaluate:
     input:
         data="data/{dataset}",
         index="index/{dataset}/index.json",
-        model="models/{dataset}/{method}",
+        model=per_seed("models/{dataset}/{method}"),
     output:
-        metrics="results/{dataset}/{method}/metrics.json",
-        predictions="results/{dataset}/{method}/predictions.jsonl",
+        metrics=per_seed("results/{dataset}/{method}/metrics.json"),
+        predictions=per_seed("results/{dataset}/{method}/predictions.jsonl"),
     log:
-        "logs/evaluate/{dataset}/{method}.log",
+        per_seed("logs/evaluate/{dataset}/{method}.log"),
     benchmark:
-        "benchmarks/evaluate/{dataset}/{method}.tsv"
+        per_seed("benchmarks/evaluate/{dataset}/{method}.tsv")
     wildcard_constraints:
         method=ONE_OF["llm"],
     conda:
@@ -20,7 +20,7 @@ rule evaluate:
         runtime=120,
         gpu=1,
     params:
-        config=CONFIG_ARGS,
+        config=seed_config_args,
         index=subpath(input.index, parent=True),
         out=subpath(output.metrics, parent=True),
         settings=config["evaluate"],

@@ -3,11 +3,11 @@ rule model:
         data="data/{dataset}",
         index="index/{dataset}/index.json",
     output:
-        directory("models/{dataset}/base"),
+        directory(per_seed("models/{dataset}/base")),
     log:
-        "logs/model/{dataset}.log",
+        per_seed("logs/model/{dataset}.log"),
     benchmark:
-        "benchmarks/model/{dataset}.tsv"
+        per_seed("benchmarks/model/{dataset}.tsv")
     conda:
         "../envs/rere.yaml"
     threads: 1
@@ -16,7 +16,7 @@ rule model:
         runtime=60,
         gpu=1,
     params:
-        config=CONFIG_ARGS,
+        config=seed_config_args,
         index=subpath(input.index, parent=True),
         settings=config["model"],
     shell:

@@ -1,13 +1,17 @@
 rule report:
     input:
-        metrics=expand(
+        metrics=each_seed(
             "results/{dataset}/{method}/metrics.json",
             dataset=DATASETS,
             method=LLM_METHODS + BASELINES,
         ),
-        rl_runs=expand("models/{dataset}/{variant}", dataset=DATASETS, variant=VARIANTS),
+        rl_runs=each_seed(
+            "models/{dataset}/{variant}", dataset=DATASETS, variant=VARIANTS
+        ),
         data=expand("data/{dataset}", dataset=DATASETS),
+    # with `seeds`, also results/seeds.csv: each metric's mean and spread across seeds
     output:
+        **({"seeds": "results/seeds.csv"} if config["seeds"] else {}),
         table="results/table.csv",
         comparisons="results/comparisons.csv",
         markdown="results/report.md",

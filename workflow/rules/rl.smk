@@ -2,19 +2,19 @@ rule rl:
     input:
         data="data/{dataset}",
         index="index/{dataset}/index.json",
-        model=f"models/{{dataset}}/{config['rl']['init_from']}",
+        model=per_seed(f"models/{{dataset}}/{config['rl']['init_from']}"),
         # reward `collaborative` scores items with the dataset's trained SASRec baseline
         sasrec=branch(
             lambda wildcards: config["rl"]["variants"][wildcards.variant]["reward"]
             == "collaborative",
-            then="results/{dataset}/sasrec/metrics.json",
+            then=per_seed("results/{dataset}/sasrec/metrics.json"),
         ),
     output:
-        directory("models/{dataset}/{variant}"),
+        directory(per_seed("models/{dataset}/{variant}")),
     log:
-        "logs/rl/{dataset}/{variant}.log",
+        per_seed("logs/rl/{dataset}/{variant}.log"),
     benchmark:
-        "benchmarks/rl/{dataset}/{variant}.tsv"
+        per_seed("benchmarks/rl/{dataset}/{variant}.tsv")
     conda:
         "../envs/rere.yaml"
     threads: max(config["launch"]["threads"]["rl"], config["launch"]["processes"]["rl"])
@@ -24,7 +24,7 @@ rule rl:
         gpu=config["launch"]["processes"]["rl"],  # one GPU per process
     params:
         launch=launcher(config["launch"], "rl"),
-        config=CONFIG_ARGS,
+        config=seed_config_args,
         index=subpath(input.index, parent=True),
         sasrec=lambda wildcards, input: (
             f"--sasrec {os.path.dirname(input.sasrec)}" if input.sasrec else ""

@@ -2,13 +2,13 @@ rule sft:
     input:
         data="data/{dataset}",
         index="index/{dataset}/index.json",
-        model="models/{dataset}/base",
+        model=per_seed("models/{dataset}/base"),
     output:
-        directory("models/{dataset}/sft"),
+        directory(per_seed("models/{dataset}/sft")),
     log:
-        "logs/sft/{dataset}.log",
+        per_seed("logs/sft/{dataset}.log"),
     benchmark:
-        "benchmarks/sft/{dataset}.tsv"
+        per_seed("benchmarks/sft/{dataset}.tsv")
     conda:
         "../envs/rere.yaml"
     threads: config["launch"]["threads"]["sft"]
@@ -17,7 +17,7 @@ rule sft:
         runtime=240,
         gpu=1,
     params:
-        config=CONFIG_ARGS,
+        config=seed_config_args,
         index=subpath(input.index, parent=True),
         settings=config["sft"],
     shell:
