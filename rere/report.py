@@ -243,8 +243,11 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
     every method (SFT included) against the best baseline, on every metric column. `seed`
     seeds the bootstrap and permutation draws.
 
+    The RL variants are also compared with each other (role "variant": each against every
+    variant before it in rl.variants), the design-space comparison.
+
     Each line: dataset, seed (None without `seeds`), method, reference, role ("sft" | "best
-    baseline"), metric, value, reference_value, diff = value - reference_value, relative, and
+    baseline" | "variant"), metric, value, reference_value, diff = value - reference_value, relative, and
     from rere.stats.compare_columns lo / hi (paired bootstrap 95% CI of diff), p (paired
     sign-flip permutation) and verdict; those four are None when either method has no
     predictions.jsonl. Rows are checked to be the same (same users, targets and histories in
@@ -266,6 +269,9 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
             pairs += [(r, by_method["sft"], "sft") for r in ds_rows if r["kind"] != "sft"]
         if best is not None:
             pairs += [(r, best, "best baseline") for r in ds_rows if r["method"] != best["method"]]
+        # the design space: each RL variant against each one before it in the config
+        rl_rows = [r for r in ds_rows if r["kind"] == "rl"]
+        pairs += [(r, ref, "variant") for i, r in enumerate(rl_rows) for ref in rl_rows[:i]]
         for row, ref, role in pairs:
             a, b = per_row.get((dataset, trained, ref["method"])), per_row.get((dataset, trained, row["method"]))
             if a is not None and b is not None:
@@ -665,15 +671,16 @@ def _pct(value: float | None) -> str:
 
 
 def headline_comparisons(tested: list[dict], variants: list[str], metric: str) -> list[dict]:
-    """The comparisons the report states in words: each RL variant against SFT, and SFT and
-    each RL variant against the best baseline, on the selection metric."""
+    """The comparisons the report states in words: each RL variant against SFT, SFT and each
+    RL variant against the best baseline, and the RL variants against each other, on the
+    selection metric."""
     return [
         c
         for c in tested
         if c["metric"] == metric
         and (
-            (c["role"] == "sft" and c["method"] in variants)
-            or (c["role"] != "sft" and c["method"] in ["sft", *variants])
+            (c["role"] in ("sft", "variant") and c["method"] in variants)
+            or (c["role"] == "best baseline" and c["method"] in ["sft", *variants])
         )
     ]
 
@@ -877,7 +884,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
              "difference [95% CI]", "relative", "p", "verdict"],
             [
                 [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"],
-                 c["reference"] + (" (best baseline)" if c["role"] != "sft" else ""), c["metric"].upper(),
+                 c["reference"] + (" (best baseline)" if c["role"] == "best baseline" else ""), c["metric"].upper(),
                  _fmt(c["value"]), _fmt(c["reference_value"]), _diff_ci(c), _pct(c["relative"]), _p(c["p"]),
                  _verdict(c)]
                 for c in table

@@ -146,6 +146,24 @@ def test_table_comparisons_figures_and_notes(tmp_path):
     assert "| report | 2.0 | n/a |" in md
 
 
+def test_rl_variants_are_compared_with_each_other(tmp_path):
+    make_run(tmp_path)
+    write_method(tmp_path, "grpo", [1] * 15 + [0] * 15)  # rere hits every row, grpo half of them
+    out = tmp_path / "results"
+    found = build(load_config([TINY]), out, tmp_path / "models", tmp_path / "benchmarks", out)
+    # 4 metrics x (4 methods vs sft + 4 vs sasrec + grpo vs rere, the variant before it)
+    assert len(found["comparisons"]) == 4 * (4 + 4 + 1)
+    by = {(c["method"], c["reference"], c["metric"]): c for c in found["comparisons"]}
+    assert ("rere", "grpo", "hr@5") not in by  # each pair once, against the earlier variant
+    c = by[("grpo", "rere", "hr@5")]
+    assert c["role"] == "variant" and c["diff"] == pytest.approx(-0.5)  # 15 misses of 30, no gains
+    assert c["lo"] < c["hi"] < 0 and c["verdict"] == "lower"
+    assert by[("grpo", "rere", "hr@1")]["diff"] == pytest.approx(0.0)  # both hit rows 0-14 at rank 1
+    md = (out / "report.md").read_text()
+    assert "tiny: grpo - rere on NDCG@5 = -" in md
+    assert "| tiny | grpo | rere | HR@5 | 0.5000 | 1.0000 | -0.5000 [" in md  # not marked as a baseline
+
+
 def test_best_baseline_is_chosen_on_validation_when_recorded(tmp_path):
     make_run(tmp_path, with_rl_log=False, with_bench=False)
     write_method(tmp_path, "pop", RANKS["pop"], **{"valid_ndcg@5": 0.2})
