@@ -246,6 +246,27 @@ def make_trainer(root: Path, tmp_path: Path, *sets: str):
     return inp, rl.build_trainer(inp, config, tmp_path / "ckpt")
 
 
+def test_latest_prompt_pool_keeps_each_users_longest_train_history(tiny, tmp_path):
+    """rl.prompt_pool=latest: one prompt per user, the train row with the user's longest history
+    (leave-one-out: the most recent one); all: every train row."""
+    import rere.rl.inputs
+    from rere.io import read_split
+
+    assert doctest.testmod(rere.rl.inputs).failed == 0
+    rows = read_split(tiny / "data/tiny/train.csv")
+    longest = {}
+    for row in rows:
+        longest[row["user_id"]] = max(longest.get(row["user_id"], 0), len(row["history_item_id"]))
+    assert len(longest) < len(rows)  # the test means something only if users have several rows
+    inp, _ = make_trainer(tiny, tmp_path, "rl.prompt_pool=latest", "rl.max_train_rows=null")
+    assert len(inp.train) == len(longest)
+    assert sorted(len(r["history"]) for r in inp.train) == sorted(longest.values())
+    every, _ = make_trainer(tiny, tmp_path / "all", "rl.prompt_pool=all", "rl.max_train_rows=null")
+    assert len(every.train) == len(rows)
+    with pytest.raises(RereError, match="rl.prompt_pool"):
+        load_config([TINY], ["rl.prompt_pool=newest"])
+
+
 def test_beam_rollout_gives_g_distinct_items_per_prompt_in_beam_order(tiny, tmp_path):
     from rere.decoding import beam_search
 

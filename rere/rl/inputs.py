@@ -60,7 +60,7 @@ def load_inputs(args, config) -> RLInputs:
             f"rl.num_generations={s.num_generations} distinct items per prompt, but the catalogue has only "
             f"{len(index.items)}; lower rl.num_generations."
         )
-    rows = select_rows(read_split(data / "train.csv"), s.max_train_rows, seed)
+    rows = select_rows(prompt_pool(read_split(data / "train.csv"), s.prompt_pool), s.max_train_rows, seed)
     if len(rows) < s.batch_prompts:
         raise RereError(f"{data}/train.csv: {len(rows)} rows, fewer than rl.batch_prompts={s.batch_prompts}.")
     style = meta["prompt_style"]
@@ -87,6 +87,26 @@ def load_inputs(args, config) -> RLInputs:
         valid_rows=valid_rows,
         save_dtype=save_dtype,
     )
+
+
+def prompt_pool(rows: list[dict], pool: str) -> list[dict]:
+    """The train rows RL may draw prompts from, in file order. all: every row; latest: per
+    user, the row with the largest timestamp (ties: the later line), i.e. the longest
+    history of a user's train rows in a leave-one-out split.
+
+    >>> rows = [{"user_id": "u", "timestamp": 1, "_line": 2}, {"user_id": "v", "timestamp": 5, "_line": 3},
+    ...         {"user_id": "u", "timestamp": 3, "_line": 4}, {"user_id": "u", "timestamp": 3, "_line": 5}]
+    >>> [r["_line"] for r in prompt_pool(rows, "latest")]
+    [3, 5]
+    """
+    if pool == "all":
+        return list(rows)
+    latest = {}
+    for i, row in enumerate(rows):
+        user = row["user_id"]
+        if user not in latest or (row["timestamp"], i) >= (rows[latest[user]]["timestamp"], latest[user]):
+            latest[user] = i
+    return [rows[i] for i in sorted(latest.values())]
 
 
 def training_rows(rows: list[dict], index, style: str, seed: int, eos: str = "") -> list[dict]:
