@@ -39,6 +39,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -462,6 +463,41 @@ def rl_signal(folder: Path, records: list[dict], config: dict) -> dict | None:
     }
 
 
+# What each RL run was trained with, from its own resolved config.yaml. The budget keys set
+# how many prompts a run sees and which groups it trains on: every variant of one comparison
+# must share them, or the comparison is not like for like.
+RL_BUDGET_KEYS = (
+    "num_generations", "max_steps", "batch_prompts", "filter_groups", "filter_max_prompts",
+    "prompt_pool", "max_train_rows", "processes",
+)  # fmt: skip
+RL_SETTING_KEYS = ("sampling", "reward", "loss", *RL_BUDGET_KEYS, "learning_rate", "beta")
+
+
+def rl_settings(folder: Path, variant: str) -> dict | None:
+    """The run's RL settings (RL_SETTING_KEYS) from `folder/config.yaml`; None without one.
+    A key the run's config does not have (an older run) is None."""
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        return None
+    with open(saved, encoding="utf-8") as f:
+        run_config = yaml.safe_load(f) or {}
+    rl = run_config.get("rl") or {}
+    chosen = {**rl, **((rl.get("variants") or {}).get(variant) or {})}
+    chosen["processes"] = ((run_config.get("launch") or {}).get("processes") or {}).get("rl")
+    return {k: chosen.get(k) for k in RL_SETTING_KEYS}
+
+
+def budget_differences(settings: Sequence[dict]) -> list[str]:
+    """The RL_BUDGET_KEYS whose values are not the same in all of `settings`.
+
+    >>> budget_differences([{"max_steps": 30, "beta": 0.1}, {"max_steps": 30, "beta": 0.0}])
+    []
+    >>> budget_differences([{"max_steps": 30, "prompt_pool": "all"}, {"max_steps": 60, "prompt_pool": "all"}])
+    ['max_steps']
+    """
+    return [k for k in RL_BUDGET_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
+
+
 def read_benchmarks(folder: Path) -> list[dict]:
     """Snakemake benchmark TSVs -> [{"job", "stage", "seconds", "max_rss_mb"}], sorted by job.
 
@@ -663,6 +699,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _setting(value: Any) -> str:
+    """A config value as YAML writes it: 1e-05 stays 1e-05, true stays true."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)
 
 
@@ -936,6 +983,35 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
                 )  # fmt: skip
                 plot_signal(signal, f"{dataset}: share of groups with signal", fig_dir / f"signal_{dataset}.png")
                 report.image(f"figures/signal_{dataset}.png", f"share of RL groups with signal per step on {dataset}")
+            settings = {}  # by (seed, variant)
+            for trained, variant in itertools.product(seeds_of(config), config["rl"]["variants"]):
+                found = rl_settings(run_dir(models, dataset, trained) / variant, variant)
+                if found is not None:
+                    settings[trained, variant] = found
+            if settings:
+                report.para(f"{dataset}: RL settings of each run, from its own config.yaml.")
+                report.table(
+                    ["dataset", *(["seed"] if seeded else []), "variant", *RL_SETTING_KEYS],
+                    [
+                        [dataset, *([str(trained)] if seeded else []), variant, *(_setting(v.get(k)) for k in RL_SETTING_KEYS)]
+                        for (trained, variant), v in settings.items()
+                    ],
+                )  # fmt: skip
+                for trained in seeds_of(config):
+                    same_seed = [v for (t, _), v in settings.items() if t == trained]
+                    differ = budget_differences(same_seed)
+                    where = run_name(dataset, trained)
+                    if differ:
+                        report.para(
+                            f"{where}: WARNING: the RL variants differ in {', '.join(differ)}, so they did not get "
+                            "the same prompt budget and selection rule; their comparison is not like for like."
+                        )
+                        notes.append(f"{where}: RL variants differ in {', '.join(differ)}.")
+                    elif len(same_seed) > 1:
+                        report.para(
+                            f"{where}: every RL variant had the same prompt budget and selection rule "
+                            f"({', '.join(RL_BUDGET_KEYS)})."
+                        )
             if runs and plot_rl_curves(runs, f"{dataset}: RL training", fig_dir / f"rl_{dataset}.png"):
                 report.image(f"figures/rl_{dataset}.png", f"RL reward and KL on {dataset}")
             elif runs:

@@ -381,3 +381,29 @@ def test_seeds_without_seed_folders_say_where_they_were_looked_for(tmp_path):
     config = load_config([TINY], ["seeds=[1, 2]"])
     with pytest.raises(RereError, match=r"no metrics.json under .*/<dataset>/seed-<S>/.*`dvc repro` runs `seed` only"):
         build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+
+
+def test_rl_settings_of_each_run_and_a_warning_when_budgets_differ(tmp_path):
+    """The report lists each RL run's settings from its own config.yaml and says whether the
+    variants shared one prompt budget and selection rule."""
+    make_run(tmp_path)
+    config = load_config([TINY])
+    models = tmp_path / "models" / "tiny"
+    for variant in ("rere", "grpo"):
+        (models / variant).mkdir(parents=True, exist_ok=True)
+        (models / variant / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "results"
+    args = ["report", "--config", str(TINY), "--results", str(out), "--models", str(tmp_path / "models"),
+            "--benchmarks", str(tmp_path / "benchmarks"), "--out", str(out), "-q"]  # fmt: skip
+    assert main(args) == 0
+    md = (out / "report.md").read_text()
+    rl = config["rl"]
+    assert f"| tiny | grpo | sample | rule | grpo | {rl['num_generations']} | {rl['max_steps']} |" in md
+    assert "tiny: every RL variant had the same prompt budget" in md and "WARNING" not in md
+    longer = load_config([TINY], ["rl.max_steps=7", "rl.prompt_pool=latest"])
+    (models / "grpo" / "config.yaml").write_text(yaml.safe_dump(longer))
+    assert main(args) == 0
+    md = (out / "report.md").read_text()
+    assert "| tiny | grpo | sample | rule | grpo | " in md and "| 7 |" in md and "| latest |" in md
+    assert "tiny: WARNING: the RL variants differ in max_steps, prompt_pool" in md
+    assert "every RL variant had the same" not in md
