@@ -120,15 +120,20 @@ def save_resolved_config(folder: str | Path, config: dict, name: str = "config.y
         yaml.safe_dump(config, f, sort_keys=True, allow_unicode=True)
 
 
+def read_resolved_config(folder: str | Path, name: str = "config.yaml") -> dict | None:
+    """The config `save_resolved_config` wrote next to an artifact; None without one."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
 def data_seed(data: str | Path, default: int) -> int:
     """The `seed` that `rere data` built the folder `data` with (its resolved config.yaml),
     else `default`. The evaluation subsample (evaluate.max_rows) is drawn with it, so every
     training seed of `seeds` is evaluated on the same rows of the same data."""
-    path = Path(data) / "config.yaml"
-    if not path.is_file():
-        return default
-    with open(path, encoding="utf-8") as f:
-        seed = (yaml.safe_load(f) or {}).get("seed")
+    seed = (read_resolved_config(data) or {}).get("seed")
     return seed if isinstance(seed, int) else default
 
 

@@ -37,16 +37,15 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import yaml
 
 from rere import RereError, stats
-from rere.io import atomic_path, read_json, read_jsonl
+from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +428,8 @@ def groups_per_step(folder: Path, n_steps: int, config: dict) -> tuple[list[int]
                 counts[int(record["step"])] = counts.get(int(record["step"]), 0) + 1
         if len(counts) == n_steps:
             return [counts[k] for k in sorted(counts)], "counted per step in rollouts.jsonl"
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        with open(saved, encoding="utf-8") as f:
-            run_config = yaml.safe_load(f) or {}
+    run_config = read_resolved_config(folder)
+    if run_config is not None:
         prompts = (run_config.get("rl") or {}).get("batch_prompts")
         if isinstance(prompts, int):
             return prompts, "rl.batch_prompts of the run's config.yaml (one process)"
@@ -476,11 +473,9 @@ RL_SETTING_KEYS = ("sampling", "reward", "loss", *RL_BUDGET_KEYS, "learning_rate
 def rl_settings(folder: Path, variant: str) -> dict | None:
     """The run's RL settings (RL_SETTING_KEYS) from `folder/config.yaml`; None without one.
     A key the run's config does not have (an older run) is None."""
-    saved = folder / "config.yaml"
-    if not saved.is_file():
+    run_config = read_resolved_config(folder)
+    if run_config is None:
         return None
-    with open(saved, encoding="utf-8") as f:
-        run_config = yaml.safe_load(f) or {}
     rl = run_config.get("rl") or {}
     chosen = {**rl, **((rl.get("variants") or {}).get(variant) or {})}
     chosen["processes"] = ((run_config.get("launch") or {}).get("processes") or {}).get("rl")

@@ -104,7 +104,7 @@ def prompt_pool(rows: list[dict], pool: str) -> list[dict]:
     latest = {}
     for i, row in enumerate(rows):
         user = row["user_id"]
-        if user not in latest or (row["timestamp"], i) >= (rows[latest[user]]["timestamp"], latest[user]):
+        if user not in latest or row["timestamp"] >= rows[latest[user]]["timestamp"]:  # a tie: the later line
             latest[user] = i
     return [rows[i] for i in sorted(latest.values())]
 

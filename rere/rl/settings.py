@@ -55,8 +55,6 @@ class RLSettings:
     def __post_init__(self):
         if self.sampling not in ("beam", "sample", "dynamic"):
             raise RereError(f"rl variant '{self.variant}': sampling {self.sampling!r} is not beam, sample or dynamic.")
-        if self.prompt_pool not in ("all", "latest"):
-            raise RereError(f"key 'rl.prompt_pool' is {self.prompt_pool!r}; use all or latest.")
         if self.train_dtype not in ("model", "float32"):
             raise RereError(f"key 'rl.train_dtype' is {self.train_dtype!r}; use model or float32.")
         if self.loss not in LOSSES:
