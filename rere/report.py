@@ -21,7 +21,8 @@ workflow trains and evaluates each seed there), and the report reads every seed'
 
 Writes `table.csv` (one row per dataset and method, each HR@K/NDCG@K with its 95% CI; with
 `seeds`, one per dataset, seed and method), `comparisons.csv` (every paired comparison, every
-metric; with `seeds`, within each seed), with `seeds` `seeds.csv` (each metric's mean and
+metric; with `seeds`, within each seed and, as seed `pooled`, on the per-row metrics averaged
+over the seeds), with `seeds` `seeds.csv` (each metric's mean and
 spread across seeds), `report.md`, `report.html` and `figures/*.png`. A missing piece (no RL
 run, no benchmarks under DVC, no predictions.jsonl) is left out with a note in the report,
 never an error; only a run with no metrics at all is refused, and so are predictions that
@@ -96,8 +97,14 @@ def run_dir(root: Path, dataset: str, seed: int | None) -> Path:
     return root / dataset if seed is None else root / dataset / f"seed-{seed}"
 
 
-def run_name(dataset: str, seed: int | None) -> str:
-    """How the report names one seed's run of a dataset: `ml100k`, or `ml100k/seed-43`."""
+POOLED = "pooled"  # the `seed` of the comparisons of per-row metrics averaged over the seeds
+
+
+def run_name(dataset: str, seed: int | str | None) -> str:
+    """How the report names one seed's run of a dataset: `ml100k`, `ml100k/seed-43`, or
+    `ml100k/pooled` for the seeds pooled."""
+    if seed == POOLED:
+        return f"{dataset}/{POOLED}"
     return dataset if seed is None else f"{dataset}/seed-{seed}"
 
 
@@ -349,6 +356,60 @@ def mean_rows(spread: list[dict], columns: list[str]) -> list[dict]:
             row = out.setdefault(a["method"], {"method": a["method"]})
             row[a["metric"]], row[f"{a['metric']}_lo"], row[f"{a['metric']}_hi"] = a["mean"], a["min"], a["max"]
     return list(out.values())
+
+
+def pool_seeds(rows: list[dict], per_row: dict, config: dict) -> tuple[list[dict], dict, list[str]]:
+    """The seeds pooled, as one more run per dataset (seed `POOLED`) for `comparisons`: each
+    method that has per-row metrics from every seed, on the same rows, gets the per-row metrics
+    averaged over the seeds (so its row value is the mean over seeds, and a paired comparison
+    of two pooled methods tests their difference averaged over the training randomness of
+    those seeds); validation metrics are averaged too, for the choice of the best baseline.
+    Returns (rows, per-row metrics, notes for the methods or datasets left out).
+
+    >>> rows = [{"dataset": "d", "seed": s, "method": "sft", "kind": "sft", "ndcg@10": v, "rows": 2}
+    ...         for s, v in [(1, 0.5), (2, 0.25)]]
+    >>> per_row = {("d", 1, "sft"): ([1, 2], {"ndcg@10": np.array([1.0, 0.0])}),
+    ...            ("d", 2, "sft"): ([1, 2], {"ndcg@10": np.array([0.5, 0.0])})}
+    >>> config = {"datasets": {"d": {}}, "seeds": [1, 2], "rl": {"variants": {}}, "baselines": {"methods": []}}
+    >>> pooled, pooled_rows, notes = pool_seeds(rows, per_row, config)
+    >>> pooled[0]["seed"], pooled[0]["ndcg@10"], pooled_rows[("d", "pooled", "sft")][1]["ndcg@10"].tolist(), notes
+    ('pooled', 0.375, [0.75, 0.0], [])
+    """
+    seeds = seeds_of(config)
+    out_rows, out_per_row, notes = [], {}, []
+    for dataset in config["datasets"]:
+        found = {}  # method -> [(row, (keys, per-row metrics)) per seed]
+        for method, _ in methods_of(config):
+            by_seed = [
+                (r, per_row.get((dataset, r["seed"], method)))
+                for r in rows
+                if (r["dataset"], r["method"]) == (dataset, method)
+            ]
+            have = [x for x in by_seed if x[1] is not None]
+            if len(have) == len(seeds):
+                found[method] = have
+            elif by_seed:
+                notes.append(
+                    f"{run_name(dataset, POOLED)}/{method}: per-row results for {len(have)} of {len(seeds)} seeds, "
+                    "not pooled."
+                )
+        keys = [k for have in found.values() for _, (k, _) in have]
+        if any(k != keys[0] for k in keys):
+            notes.append(
+                f"{run_name(dataset, POOLED)}: the seeds were evaluated on different rows, so no seed-pooled comparison."
+            )
+            continue
+        for method, have in found.items():
+            first = have[0][0]
+            names = have[0][1][1].keys()
+            metrics = {n: np.mean([m[n] for _, (_, m) in have], axis=0) for n in names}  # (rows,)
+            row = {"dataset": dataset, "seed": POOLED, "method": method, "kind": first["kind"], "rows": first["rows"]}
+            row.update({n: float(v.mean()) for n, v in metrics.items()})
+            valid = [k for k in first if k.startswith("valid_") and all(k in r for r, _ in have)]
+            row.update({k: float(np.mean([r[k] for r, _ in have])) for k in valid})
+            out_rows.append(row)
+            out_per_row[(dataset, POOLED, method)] = (keys[0], metrics)
+    return out_rows, out_per_row, notes
 
 
 def rows_differ_across_seeds(per_row: dict) -> list[str]:
@@ -856,6 +917,10 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     spread = across_seeds(rows, config) if seeded else []
     if seeded:
         notes += rows_differ_across_seeds(per_row)
+    if len(seeds_of(config)) > 1:
+        pooled_rows, pooled_per_row, pool_notes = pool_seeds(rows, per_row, config)
+        pooled_tested, pooled_best = comparisons(pooled_rows, pooled_per_row, columns, seed)
+        tested, best_of, notes = tested + pooled_tested, best_of | pooled_best, notes + pool_notes
 
     report = Report()
     report.heading("rere results", 1)
@@ -876,7 +941,10 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         + (
             "Intervals and tests are per seed (a seed's methods against that seed's SFT and best baseline): they "
             "cover the choice of test rows; the spread across seeds (Across seeds, seeds.csv) is the training "
-            "randomness. No correction for the number of comparisons."
+            "randomness. Seed `pooled`: each method's per-row metrics averaged over the seeds (methods with "
+            "results from every seed on the same rows), then the same paired tests: the difference of the two "
+            "methods averaged over the seeds' training runs, its interval over the rows. No correction for the "
+            "number of comparisons."
             if seeded
             else "One seed per method: the intervals cover the choice of test rows, not training randomness; no "
             "correction for the number of comparisons."

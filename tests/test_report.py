@@ -341,6 +341,7 @@ def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(
     assert found["best_baseline"] == {
         "tiny/seed-1": ("sasrec", "best by NDCG@5 on the evaluated split"),
         "tiny/seed-2": ("pop", "best by NDCG@5 on the evaluated split"),
+        "tiny/pooled": ("pop", "best by NDCG@5 on the evaluated split"),
     }
     tested = read_csv(out / "comparisons.csv")
     assert list(tested[0])[:3] == ["dataset", "seed", "method"]
@@ -349,7 +350,24 @@ def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(
     assert float(by[("1", "rere", "sft", "hr@5")]["diff"]) == pytest.approx(1.0 - 0.2)  # seed 1's SFT
     assert float(by[("1", "sft", "sasrec", "ndcg@5")]["diff"]) == pytest.approx(0.2 - 0.3)
     assert float(by[("2", "sft", "pop", "ndcg@5")]["diff"]) == pytest.approx(0.4 - 0.1)
-    assert len(tested) == 4 * ((3 + 3) + (2 + 2))  # seed 1 as unseeded; seed 2: rere, pop vs sft; sft, rere vs pop
+    # seeds pooled: sft, rere and pop have both seeds (sasrec one: not pooled, so pop is the best baseline)
+    assert "tiny/pooled/sasrec: per-row results for 1 of 2 seeds, not pooled." in found["notes"]
+    # HR@1 per row averaged over the seeds: sft 1 on rows 0-5, 0.5 on rows 6-11, 0 after (mean 0.3);
+    # rere 0.5 on every row (rank 1 in seed 1, rank 2 in seed 2). Seed 1 says rere is higher (+0.8),
+    # seed 2 lower (-0.4); pooled, rere - sft = 0.2, per-row differences -0.5 x 6, 0 x 6, +0.5 x 18
+    # (sd 0.4, standard error 0.4 / sqrt(30) = 0.073), an interval well above 0.
+    pooled = by[("pooled", "rere", "sft", "hr@1")]
+    assert (float(pooled["value"]), float(pooled["reference_value"])) == pytest.approx((0.5, 0.3))
+    assert float(pooled["diff"]) == pytest.approx(0.2) and 0.03 < float(pooled["lo"]) < 0.2 < float(pooled["hi"])
+    assert pooled["verdict"] == "higher"
+    assert (by[("1", "rere", "sft", "hr@1")]["verdict"], by[("2", "rere", "sft", "hr@1")]["verdict"]) == (
+        "higher", "lower"
+    )  # fmt: skip
+    # pooled NDCG@5: sft 0.3 (its hits are at rank 1), rere (1 + 1 / log2(3)) / 2
+    assert float(by[("pooled", "rere", "sft", "ndcg@5")]["diff"]) == pytest.approx((1 + 1 / math.log2(3)) / 2 - 0.3)
+    assert float(by[("pooled", "sft", "pop", "ndcg@5")]["diff"]) == pytest.approx(0.3 - 0.1)
+    # seed 1 as unseeded; seed 2: rere, pop vs sft; sft, rere vs pop; pooled: the same four pairs as seed 2
+    assert len(tested) == 4 * ((3 + 3) + (2 + 2) + (2 + 2))
 
     md = (out / "report.md").read_text()
     assert "seeds: 1, 2 (data and index built with seed 42)" in md
@@ -359,6 +377,7 @@ def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(
     assert "| tiny | sft | 2 | 0.3000 ± 0.1414 | 0.3000 ± 0.1414 |" in across
     assert "| tiny | sasrec | 1 | 0.3000 (one seed) | 0.3000 (one seed) |" in across
     assert "tiny/seed-2: the best baseline is pop" in md and "tiny/seed-1: rere - sft on NDCG@5 = +0.8000 [" in md
+    assert "tiny/pooled: rere - sft on NDCG@5 = +0.5155 [" in md and "| tiny | pooled | rere | sft | HR@5 |" in md
     assert "| tiny | 2 | rere | 1 | 2 | 1 | 0.500 |" in md  # seed 2's RL log (2 groups per step), in its folder
     assert "tiny/seed-1/rere: no " in md and "tiny/seed-2/sasrec: no " in md  # missing pieces, per seed
     assert "other rows" not in md  # every seed evaluated the same rows
@@ -374,6 +393,8 @@ def test_seeds_evaluated_on_other_rows_are_noted(tmp_path):
         "tiny/seed-2/sft was evaluated on other rows than tiny/seed-1: the spread across seeds also holds the "
         "choice of rows."
     ]
+    assert "tiny/pooled: the seeds were evaluated on different rows, so no seed-pooled comparison." in found["notes"]
+    assert not [c for c in found["comparisons"] if c["seed"] == "pooled"]
 
 
 def test_seeds_without_seed_folders_say_where_they_were_looked_for(tmp_path):
