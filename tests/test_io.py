@@ -76,3 +76,43 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         (tmp / "full.csv").write_text("y")
     assert (out / "full.csv").read_text() == "y"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[754, 1674]",
+        "[4.0, -1e3, 2E-2]",
+        "[]",
+        "[874724710]",
+        "[1.]",  # Python's grammar, not JSON's: falls back to ast
+        "[+1, 2]",
+        "[1,2]",  # no space after the comma: ast
+        "['255', '286']",
+        """["My Best Friend's Wedding (1997)", 'Face/Off (1997)']""",
+        """['Say "Hi", then go', "it's"]""",
+        r"['It\'s \"x\"', 'a\\b', '\x41\u00e9']",  # escapes: ast
+        "['Amélie (2001)', '']",
+        "'255'",  # a bare value (D3 writes some 1-element lists so)
+        "7",
+        "[1, 'a']",
+    ],
+)
+def test_parse_literal_reads_what_ast_reads(value):
+    import ast
+
+    from rere.io import parse_literal
+
+    got, want = parse_literal(value), ast.literal_eval(value)
+    assert got == want
+    assert type(got) is type(want)
+    if isinstance(want, list):
+        assert [type(x) for x in got] == [type(x) for x in want]
+
+
+@pytest.mark.parametrize("value", ["__import__('os')", "[e]", "[1e]", "['a', b]", "[1, 2"])
+def test_parse_literal_refuses_what_ast_refuses(value):
+    from rere.io import parse_literal
+
+    with pytest.raises((ValueError, SyntaxError)):
+        parse_literal(value)
