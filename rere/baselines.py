@@ -55,6 +55,7 @@ from rere.io import (
     save_resolved_config,
     write_json,
 )
+from rere.machine import describe
 from rere.metrics import hr_ndcg, rank_of, select_rows, write_results
 from rere.tracking import stage_run
 
@@ -561,6 +562,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
             "num_beams": None,  # full ranking, no beam search
             "invalid_rate": None,  # n/a: a baseline ranks catalogue ids, it cannot write an invalid item
             "throughput": len(eval_rows) / elapsed if elapsed > 0 else None,
+            "trained_on": describe(),  # trained and evaluated in this process (rere.machine)
         }
         metrics = write_results(out, eval_rows, ranked, scores, ev["ks"], extra)
         tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("hr@", "ndcg@"))})

@@ -211,7 +211,7 @@ def run(args, config) -> int:
             model, tokenizer, index, rows, config, style=meta["prompt_style"], split=split
         )
         extra = {k: metrics[k] for k in ("invalid", "invalid_rate", "throughput", "split", "num_beams")}
-        extra.update(method=method, dataset=dataset)
+        extra.update(method=method, dataset=dataset, trained_on=meta.get("machine"))
         with atomic_path(out) as tmp:
             final = write_results(tmp, rows, ranked, scores, ev["ks"], extra=extra)
             save_resolved_config(tmp, config)

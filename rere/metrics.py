@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rere.io import write_json, write_jsonl
+from rere.machine import describe
 
 
 def rank_of(ranked: Sequence[int], target: int) -> int | None:
@@ -125,6 +126,7 @@ def write_results(
         )
     metrics: dict[str, Any] = dict(hr_ndcg(ranks, ks))
     metrics["rows"] = len(rows)
+    metrics["machine"] = describe()  # where it was evaluated (rere.machine); `extra` may add trained_on
     metrics.update(extra or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", records)

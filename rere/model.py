@@ -31,6 +31,7 @@ from pathlib import Path
 from rere import RereError
 from rere.index import ItemIndex
 from rere.io import atomic_path, read_json, read_split, save_resolved_config, write_json
+from rere.machine import describe
 from rere.prompts import catalogue_token_ids, completion_text, row_prompt
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def save_model(model, tokenizer, folder: str | Path, meta: dict, config: dict, k
         tmp.mkdir()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "rere.json", meta)
+        write_json(tmp / "rere.json", {**meta, "machine": describe()})  # where it was trained (rere.machine)
         save_resolved_config(tmp, config)
         for name in keep:
             if (folder / name).exists() and not (tmp / name).exists():

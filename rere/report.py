@@ -855,6 +855,34 @@ def data_warnings(data: Path, config: dict) -> list[str]:
     return out
 
 
+def machines_line(results: Path, config: dict) -> str:
+    """The header line naming the machines the methods were trained and evaluated on (each
+    metrics.json's `trained_on` and `machine`, rere.machine): floats differ between CPU kinds.
+    With more than one machine for a role, each is followed by the runs that used it."""
+    from rere.machine import summary
+
+    seen: dict[str, dict[str, list[str]]] = {"trained on": {}, "evaluated on": {}}
+    for dataset, seed in itertools.product(config["datasets"], seeds_of(config)):
+        for method, _ in methods_of(config):
+            path = run_dir(results, dataset, seed) / method / "metrics.json"
+            if not path.is_file():
+                continue
+            metrics = read_json(path)
+            where = f"{run_name(dataset, seed)}/{method}"
+            for role, key in (("trained on", "trained_on"), ("evaluated on", "machine")):
+                seen[role].setdefault(summary(metrics.get(key)), []).append(where)
+    parts = []
+    for role, machines in seen.items():
+        if len(machines) == 1:
+            parts.append(f"{role} {next(iter(machines))}")
+        elif machines:
+            parts.append(f"{role} " + "; ".join(f"{m} ({', '.join(w)})" for m, w in sorted(machines.items())))
+    return (
+        "Machines: " + "; ".join(parts) + ". Runs on one kind of machine reproduce to the last digit; another CPU "
+        "(other torch CPU kernels) rounds differently, and trained models drift apart."
+    )
+
+
 TABLE_TAIL = ["invalid_rate", "throughput", "rows"]
 
 
@@ -931,6 +959,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         f"Split: {config['evaluate']['split']}; beams: {config['evaluate']['num_beams']}; "
         f"{trained}. HR@K and NDCG@K over all evaluated rows, full catalogue."
     )
+    report.para(machines_line(results, config))
     for warning in data_warnings(data, config):
         report.para(warning)
     report.para(

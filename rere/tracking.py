@@ -15,7 +15,8 @@ where the experiment says (for a new local sqlite store: ./mlruns).
 Every MLflow error is logged as a warning and then tracking is switched off for the rest of
 the run, so an unreachable server costs one warning rather than one per step. The client API
 (`MlflowClient`) is used instead of mlflow's global "active run", so nested or parallel
-stage runs in one process cannot log into each other.
+stage runs in one process cannot log into each other. Tags `machine.*` name the CPU, torch
+build and CPU kernel level the run computed with (rere.machine).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rere.config import flatten
+from rere.machine import describe
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +213,8 @@ def _open_run(config: dict, stage: str, dataset: str, method: str, index_kind: s
             "index_kind": index_kind or "none",
             "git_commit": commit,
             "mlflow.source.git.commit": commit,
+            # float results depend on the CPU kernels torch picked (rere.machine)
+            **{f"machine.{k}": v for k, v in describe().items()},
         }
         run = client.create_run(experiment_id, tags=tags, run_name=f"{dataset}/{method}/{stage}")
     except Exception as exc:  # noqa: BLE001 - tracking must never break training

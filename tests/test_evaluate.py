@@ -45,6 +45,12 @@ def test_evaluate_writes_valid_items_and_metrics_of_its_predictions(base, tmp_pa
     assert metrics["invalid"] == 0 and metrics["rows"] == 16 and metrics["num_beams"] == 5
     assert metrics["method"] == "base" and metrics["dataset"] == "tiny" and metrics["split"] == "test"
     assert metrics["throughput"] > 0
+    from rere.machine import describe
+
+    # where the model was trained (its rere.json, written by `rere model`) and where it was evaluated
+    trained = json.loads((base["base"] / "rere.json").read_text())["machine"]
+    assert metrics["trained_on"] == trained and set(trained) >= {"cpu", "torch", "cpu_capability"}
+    assert metrics["machine"] == describe()
     for k in (1, 3, 5):
         ranks = [p["ranked"].index(p["target"]) + 1 for p in preds if p["target"] in p["ranked"][:k]]
         assert metrics[f"hr@{k}"] == pytest.approx(len(ranks) / 16)

@@ -15,6 +15,7 @@ from rere.cli import main
 from rere.config import load_config, schema_defaults
 from rere.index import ItemIndex
 from rere.io import write_catalogue, write_jsonl, write_split
+from rere.machine import describe
 from rere.model import ScratchConfig, count_parameters, load_model, save_model
 from rere.prompts import item_token_ids, probe_prompts
 
@@ -100,6 +101,7 @@ def test_scratch_model_builds_saves_reloads_and_generates(workdir, scratch_title
         "stage": "base",
         "base": "scratch",
         "trust_remote_code": False,
+        "machine": describe(),  # where it was built (rere.machine)
     }
     assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
     assert tok.padding_side == "left" and tok.pad_token == "<|pad|>" and tok.eos_token == "<|endoftext|>"

@@ -428,3 +428,51 @@ def test_rl_settings_of_each_run_and_a_warning_when_budgets_differ(tmp_path):
     assert "| tiny | grpo | sample | rule | grpo | " in md and "| 7 |" in md and "| latest |" in md
     assert "tiny: WARNING: the RL variants differ in max_steps, prompt_pool" in md
     assert "every RL variant had the same" not in md
+
+
+def test_header_names_the_machines_and_which_run_used_which(tmp_path):
+    amd = {
+        "cpu": "AMD EPYC",
+        "python": "3.11.7",
+        "torch": "2.13.0+cpu",
+        "cpu_capability": "AVX2",
+        "accelerator": "none",
+    }
+    intel = {**amd, "cpu": "Intel Xeon", "cpu_capability": "AVX512"}
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    for method, ranks in RANKS.items():  # every method trained on the AMD machine, sft evaluated on Intel
+        write_method(tmp_path, method, ranks, trained_on=amd, machine=intel if method == "sft" else amd)
+    config = load_config([TINY])
+    build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    line = next(x for x in md[: md.index("## Results")].splitlines() if x.startswith("Machines:"))
+    assert line.startswith("Machines: trained on AMD EPYC, torch 2.13.0+cpu (AVX2 CPU kernels), no GPU; evaluated on ")
+    evaluated = line.split("evaluated on ", 1)[1]
+    assert "Intel Xeon, torch 2.13.0+cpu (AVX512 CPU kernels), no GPU (tiny/sft)" in evaluated
+    assert "AMD EPYC, torch 2.13.0+cpu (AVX2 CPU kernels), no GPU (tiny/rere, tiny/pop, tiny/sasrec)" in evaluated
+
+
+def test_machine_description(tmp_path, monkeypatch):
+    import platform
+
+    import torch
+
+    import rere.machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
+    monkeypatch.setattr(rere.machine, "CPUINFO", str(cpuinfo))
+    described = rere.machine.describe()
+    assert described == {
+        "cpu": "AMD EPYC 7B13",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    # metrics.json says where it was evaluated
+    m = write_results(tmp_path / "out", ROWS[:1], [[100, 1]], [[0.0, 0.0]], [1], {"trained_on": {"cpu": "X"}})
+    assert m["machine"] == described and m["trained_on"] == {"cpu": "X"}
+    monkeypatch.setattr(rere.machine, "CPUINFO", str(tmp_path / "missing"))  # not Linux: platform's answer
+    assert rere.machine.cpu_name() == (platform.processor() or platform.machine() or "unknown")
+    assert doctest.testmod(rere.machine).failed == 0

@@ -99,6 +99,11 @@ def test_params_metrics_tags_callback_and_artifact_reach_the_store(store, monkey
         and tags["index_kind"] == "title"
     )
     assert tags["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    from rere.machine import describe
+
+    assert {k: v for k, v in tags.items() if k.startswith("machine.")} == {
+        f"machine.{k}": v for k, v in describe().items()
+    }
     assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
     local = client.download_artifacts(run_id, "metrics.json", str(folder / "dl"))
     assert json.loads(Path(local).read_text()) == {"hr@10": 0.25}
