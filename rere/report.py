@@ -47,6 +47,7 @@ import numpy as np
 
 from rere import RereError, stats
 from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config
+from rere.machine import summary
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def results_table(results: Path, config: dict) -> tuple[list[dict], list[str], d
             row["invalid_rate"] = invalid_rate(metrics)
             row["throughput"] = float(metrics["throughput"]) if "throughput" in metrics else None
             row["rows"] = int(metrics.get("rows", 0))
+            # where it was trained and evaluated (rere.machine), for the header; not table columns
+            row["trained_on"], row["evaluated_on"] = summary(metrics.get("trained_on")), summary(metrics.get("machine"))
             for name, value in metrics.items():  # validation metrics, if the stage recorded any
                 if name.startswith(("valid_", "best_valid_")) and isinstance(value, int | float):
                     row.setdefault(name.removeprefix("best_"), float(value))
@@ -855,22 +858,15 @@ def data_warnings(data: Path, config: dict) -> list[str]:
     return out
 
 
-def machines_line(results: Path, config: dict) -> str:
-    """The header line naming the machines the methods were trained and evaluated on (each
-    metrics.json's `trained_on` and `machine`, rere.machine): floats differ between CPU kinds.
-    With more than one machine for a role, each is followed by the runs that used it."""
-    from rere.machine import summary
-
+def machines_line(rows: list[dict]) -> str:
+    """The header line naming the machines the methods were trained and evaluated on
+    (`results_table`'s `trained_on` / `evaluated_on`, rere.machine): floats differ between CPU
+    kinds. With more than one machine for a role, each is followed by the runs that used it."""
     seen: dict[str, dict[str, list[str]]] = {"trained on": {}, "evaluated on": {}}
-    for dataset, seed in itertools.product(config["datasets"], seeds_of(config)):
-        for method, _ in methods_of(config):
-            path = run_dir(results, dataset, seed) / method / "metrics.json"
-            if not path.is_file():
-                continue
-            metrics = read_json(path)
-            where = f"{run_name(dataset, seed)}/{method}"
-            for role, key in (("trained on", "trained_on"), ("evaluated on", "machine")):
-                seen[role].setdefault(summary(metrics.get(key)), []).append(where)
+    for row in rows:
+        where = f"{run_name(row['dataset'], row['seed'])}/{row['method']}"
+        for role, key in (("trained on", "trained_on"), ("evaluated on", "evaluated_on")):
+            seen[role].setdefault(row[key], []).append(where)
     parts = []
     for role, machines in seen.items():
         if len(machines) == 1:
@@ -959,7 +955,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         f"Split: {config['evaluate']['split']}; beams: {config['evaluate']['num_beams']}; "
         f"{trained}. HR@K and NDCG@K over all evaluated rows, full catalogue."
     )
-    report.para(machines_line(results, config))
+    report.para(machines_line(rows))
     for warning in data_warnings(data, config):
         report.para(warning)
     report.para(
