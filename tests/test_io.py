@@ -92,6 +92,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         """["My Best Friend's Wedding (1997)", 'Face/Off (1997)']""",
         """['Say "Hi", then go', "it's"]""",
         r"['It\'s \"x\"', 'a\\b', '\x41\u00e9']",  # escapes: ast
+        r"['a\\b', 'C:\\temp']",  # only backslash escapes, no quote inside: still ast
         "['Amélie (2001)', '']",
         "'255'",  # a bare value (D3 writes some 1-element lists so)
         "7",
