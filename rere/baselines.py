@@ -565,7 +565,7 @@ def run(args: argparse.Namespace, config: dict) -> int:
             "trained_on": describe(),  # trained and evaluated in this process (rere.machine)
         }
         metrics = write_results(out, eval_rows, ranked, scores, ev["ks"], extra)
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("hr@", "ndcg@"))})
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("hr@", "ndcg@", "repeat@"))})
         tracker.log_metrics({"wall_seconds": time.perf_counter() - started})
         tracker.log_artifact(out / "metrics.json")
         if method != "pop":

@@ -10,6 +10,13 @@ The ideal DCG of a single relevant item is 1/log2(2) = 1, so no normalisation is
 Rows whose target is missing from the list (or ranked below K) count 0: the mean is over
 ALL evaluated rows, never only over hits.
 
+    repeat@K = mean over rows of |top-K list ∩ the row's history| / K
+
+is not a quality metric but a diagnostic: the share of the first K recommendations that the
+user already interacted with (in the history the model saw). No item is excluded from the
+ranking, so on a dataset where users never repeat an item (MovieLens) every such slot is a
+certain miss.
+
 The LLM evaluation (`rere evaluate`) and the classic baselines (`rere baseline`) both call
 `write_results`, so their ranked lists and metrics go through the same code.
 """
@@ -69,6 +76,29 @@ def hr_ndcg(ranks: Sequence[int | None], ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
+def repeat_share(
+    ranked: Sequence[Sequence[int]], histories: Sequence[Sequence[int]], ks: Sequence[int]
+) -> dict[str, float]:
+    """repeat@K for each K: the mean share of a row's first K ranked items found in its history.
+
+    A list shorter than K counts its missing slots as not repeated (the denominator stays K).
+
+    >>> m = repeat_share([[4, 1, 9, 2], [7, 8, 6, 5]], [[1, 2, 3], [5]], ks=[2, 4])
+    >>> m["repeat@2"], m["repeat@4"]  # row 0: {1} of 2, {1, 2} of 4; row 1: none of 2, {5} of 4
+    (0.25, 0.375)
+    """
+    if len(ranked) != len(histories):
+        raise ValueError(f"{len(ranked)} ranked lists but {len(histories)} histories")
+    if not ranked:
+        raise ValueError("no rows: repeat@K is undefined for an empty evaluation")
+    seen = [set(map(int, h)) for h in histories]
+    return {
+        f"repeat@{k}": sum(sum(int(i) in s for i in items[:k]) / k for items, s in zip(ranked, seen, strict=True))
+        / len(ranked)
+        for k in sorted(set(ks))
+    }
+
+
 def select_rows(rows: Sequence[Any], max_rows: int | None, seed: int) -> list[Any]:
     """The deterministic evaluation subsample: `max_rows` rows drawn without replacement by
     `random.Random(seed)`, returned in their original order. None (or max_rows >= len(rows))
@@ -125,6 +155,7 @@ def write_results(
             }
         )
     metrics: dict[str, Any] = dict(hr_ndcg(ranks, ks))
+    metrics.update(repeat_share(ranked, [r["history"] for r in records], ks))
     metrics["rows"] = len(rows)
     metrics["machine"] = describe()  # where it was evaluated (rere.machine); `extra` may add trained_on
     metrics.update(extra or {})

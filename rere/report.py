@@ -177,6 +177,9 @@ def results_table(results: Path, config: dict) -> tuple[list[dict], list[str], d
                         raise RereError(f"{path}: no '{name}'; re-run the stage with evaluate.ks containing {k}.")
                     row[name] = float(metrics[name])
             row["invalid_rate"] = invalid_rate(metrics)
+            # share of the selection-K list already in the row's history (rere.metrics.repeat_share)
+            repeat = metrics.get(f"repeat@{selection_metric(columns).split('@')[1]}")
+            row["repeat"] = float(repeat) if isinstance(repeat, int | float) else None
             row["throughput"] = float(metrics["throughput"]) if "throughput" in metrics else None
             row["rows"] = int(metrics.get("rows", 0))
             # where it was trained and evaluated (rere.machine), for the header; not table columns
@@ -879,7 +882,7 @@ def machines_line(rows: list[dict]) -> str:
     )
 
 
-TABLE_TAIL = ["invalid_rate", "throughput", "rows"]
+TABLE_TAIL = ["invalid_rate", "repeat", "throughput", "rows"]
 
 
 def table_columns(columns: list[str]) -> list[str]:
@@ -977,7 +980,8 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     )
     report.heading("Results")
     report.table(
-        ["dataset", *(["seed"] if seeded else []), "method", *[c.upper() for c in columns], "invalid", "rows/s",
+        ["dataset", *(["seed"] if seeded else []), "method", *[c.upper() for c in columns], "invalid",
+         f"in history@{selection_metric(columns).split('@')[1]}", "rows/s",
          "rows"],
         [
             [
@@ -986,12 +990,18 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
                 r["method"],
                 *[_with_ci(r, c) for c in columns],
                 _fmt(r["invalid_rate"]),
+                _fmt(r["repeat"]),
                 _fmt(r["throughput"], 1),
                 str(r["rows"]),
             ]
             for r in rows
         ],
     )  # fmt: skip
+    report.para(
+        f"in history@{sel.split('@')[1]}: the share of the first {sel.split('@')[1]} recommendations that are items of "
+        "the row's own history (nothing is excluded from the ranking; on data where users do not repeat an item, "
+        "each such slot is a miss)."
+    )
     if seeded:
         report_across_seeds(report, spread, headline_metrics(columns))
 

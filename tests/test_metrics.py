@@ -6,7 +6,7 @@ import json
 import pytest
 
 import rere.metrics
-from rere.metrics import hr_ndcg, rank_of, select_rows, write_results
+from rere.metrics import hr_ndcg, rank_of, repeat_share, select_rows, write_results
 
 
 def test_doctests_pass():
@@ -76,6 +76,8 @@ def test_write_results_files_match_the_design(tmp_path):
     m = write_results(tmp_path / "out", rows, ranked, scores, ks=[1, 2], extra={"method": "x", "invalid": 0})
     assert m["hr@1"] == 0.0 and m["hr@2"] == 0.5
     assert m["ndcg@2"] == pytest.approx(0.5 * (1 / 1.584962500721156))  # one hit at rank 2 of 2 rows
+    # history items in the list: row 1 has item 1 at rank 3, row 2 nothing of [5]
+    assert m["repeat@1"] == 0.0 and m["repeat@2"] == 0.0
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == m and on_disk["rows"] == 2 and on_disk["method"] == "x"
     lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -98,3 +100,15 @@ def test_write_results_refuses_mismatched_lengths(tmp_path):
     with pytest.raises(ValueError, match="scores"):
         write_results(tmp_path, [{"user_id": 1, "history_item_id": [1], "item_id": 1}], [[1, 2]], [[0.1]], ks=[1])
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_repeat_share_counts_history_items_in_the_first_k():
+    ranked = [[3, 1, 2], [5, 6], [7, 8, 9]]
+    histories = [[1, 2], [5], []]
+    m = repeat_share(ranked, histories, ks=[1, 3])
+    # K=1: row 1's first item 5 is in its history: 1/3. K=3: (2/3 + 1/3 + 0) / 3 = 1/3 as well,
+    # row 2's list of 2 counts its missing third slot as not repeated.
+    assert m == {"repeat@1": pytest.approx(1 / 3), "repeat@3": pytest.approx(1 / 3)}
+    assert repeat_share([[1, 2]], [[2]], ks=[1, 2]) == {"repeat@1": 0.0, "repeat@2": 0.5}
+    with pytest.raises(ValueError, match="histories"):
+        repeat_share([[1]], [], ks=[1])

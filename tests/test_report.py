@@ -93,13 +93,14 @@ def test_table_comparisons_figures_and_notes(tmp_path):
         "dataset", "method", "kind",
         "hr@1", "hr@1_lo", "hr@1_hi", "hr@5", "hr@5_lo", "hr@5_hi",
         "ndcg@1", "ndcg@1_lo", "ndcg@1_hi", "ndcg@5", "ndcg@5_lo", "ndcg@5_hi",
-        "invalid_rate", "throughput", "rows",
+        "invalid_rate", "repeat", "throughput", "rows",
     ]  # fmt: skip
     sft, rere, _, sasrec = table
     assert sft["kind"] == "sft" and rere["kind"] == "rl" and table[2]["kind"] == "baseline"
     assert float(sft["invalid_rate"]) == pytest.approx(3 / (30 * 5))  # 3 bad beams of 150
     assert float(sft["ndcg@5"]) == pytest.approx(0.5 / math.log2(3))
     assert float(sasrec["ndcg@5"]) == pytest.approx(1 / 3) and sasrec["rows"] == "30"
+    assert sft["repeat"] == "0.000000"  # items 900.. never meet the histories [i]
     # SFT's HR@5 is 15 hits of 30: the interval is around 0.5; its HR@1 is 0 on every row.
     assert float(sft["hr@5_lo"]) < 0.5 < float(sft["hr@5_hi"])
     assert 0.25 < float(sft["hr@5_lo"]) and float(sft["hr@5_hi"]) < 0.75
@@ -476,3 +477,19 @@ def test_machine_description(tmp_path, monkeypatch):
     monkeypatch.setattr(rere.machine, "CPUINFO", str(tmp_path / "missing"))  # not Linux: platform's answer
     assert rere.machine.cpu_name() == (platform.processor() or platform.machine() or "unknown")
     assert doctest.testmod(rere.machine).failed == 0
+
+
+def test_repeat_column_is_the_share_of_the_top_k_found_in_the_history(tmp_path):
+    # every history [900, 901]: SFT's rank-2 row ranks [900, target, 902, 903, 904] (1 of its top 5
+    # in the history), a missed row [900, ..., 904] (2 of 5): (15 * 1/5 + 15 * 2/5) / 30 = 0.3;
+    # rere (ranks 1 and 2): (15 * 1/5 + 15 * 1/5) / 30 = 0.2
+    rows = [{**r, "history_item_id": [900, 901]} for r in ROWS]
+    for method, ranks in RANKS.items():
+        write_method(tmp_path, method, ranks, rows=rows)
+    out = tmp_path / "results"
+    build(load_config([TINY]), out, tmp_path / "models", tmp_path / "benchmarks", out)
+    table = {r["method"]: r for r in read_csv(out / "table.csv")}
+    assert float(table["sft"]["repeat"]) == pytest.approx(0.3)
+    assert float(table["rere"]["repeat"]) == pytest.approx(0.2)
+    report = (out / "report.md").read_text()
+    assert "in history@5" in report and "| 0.3000 |" in report
