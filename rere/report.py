@@ -262,8 +262,8 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
     Each line: dataset, seed (None without `seeds`), method, reference, role ("sft" | "best
     baseline" | "variant"), metric, value, reference_value, diff = value - reference_value, relative, and
     from rere.stats.compare_columns lo / hi (paired bootstrap 95% CI of diff), p (paired
-    sign-flip permutation) and verdict; those four are None when either method has no
-    predictions.jsonl. Rows are checked to be the same (same users, targets and histories in
+    sign-flip permutation), mde (the difference the comparison finds 80% of the time) and
+    verdict; those five are None when either method has no predictions.jsonl. Rows are checked to be the same (same users, targets and histories in
     the same order) before any comparison.
     Also returns {run_name: (best baseline method, how it was chosen)}, run_name being the
     dataset, or `<dataset>/seed-<S>` with `seeds`.
@@ -309,6 +309,7 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
                         "lo": t.get("lo"),
                         "hi": t.get("hi"),
                         "p": t.get("p"),
+                        "mde": t.get("mde"),
                         "verdict": t.get("verdict"),
                     }
                 )
@@ -818,6 +819,17 @@ def _verdict(c: dict) -> str:
     return "n/a (no predictions)" if c["verdict"] is None else VERDICT_SHOWN[c["verdict"]]
 
 
+def _mde(c: dict) -> str:
+    return "n/a" if c.get("mde") is None else f"±{c['mde']:.4f}"
+
+
+def _mde_said(c: dict) -> str:
+    """After a "no difference": the size of difference the comparison would have found."""
+    if c["verdict"] != "no difference" or c.get("mde") is None:
+        return ""
+    return f" (a true difference of {c['mde']:.4f} either way would be found 4 times in 5)"
+
+
 def report_across_seeds(report: Report, spread: list[dict], shown: list[str]) -> None:
     """The "Across seeds" section: mean ± std of the headline metrics per dataset and method."""
     report.heading("Across seeds")
@@ -917,7 +929,7 @@ def write_table(path: Path, rows: list[dict], columns: list[str], seeded: bool =
 
 COMPARISON_COLUMNS = [
     "dataset", "method", "reference", "role", "metric", "value", "reference_value", "diff", "lo", "hi", "p",
-    "verdict", "relative",
+    "verdict", "relative", "mde",
 ]  # fmt: skip
 
 
@@ -1020,24 +1032,27 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         ratio = "" if not c["reference_value"] else f" ({c['value'] / c['reference_value']:.2f}x)"
         report.para(
             f"{run_name(c['dataset'], c['seed'])}: {c['method']} - {c['reference']} on {sel.upper()} = "
-            f"{_diff_ci(c)}{ratio}, p = {_p(c['p'])}: {_verdict(c)}."
+            f"{_diff_ci(c)}{ratio}, p = {_p(c['p'])}: {_verdict(c)}{_mde_said(c)}."
         )
     table = [c for c in tested if c["metric"] in shown]
     if table:
         report.table(
             ["dataset", *(["seed"] if seeded else []), "method", "vs", "metric", "value", "reference",
-             "difference [95% CI]", "relative", "p", "verdict"],
+             "difference [95% CI]", "relative", "p", "verdict", "detectable"],
             [
                 [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"],
                  c["reference"] + (" (best baseline)" if c["role"] == "best baseline" else ""), c["metric"].upper(),
                  _fmt(c["value"]), _fmt(c["reference_value"]), _diff_ci(c), _pct(c["relative"]), _p(c["p"]),
-                 _verdict(c)]
+                 _verdict(c), _mde(c)]
                 for c in table
             ],
         )  # fmt: skip
         report.para(
             'Marked *: significant at 5% (the paired 95% CI excludes 0 and p < 0.05). "no difference": the CI contains 0. '
-            '"borderline": the CI excludes 0 but p >= 0.05. Every metric is in comparisons.csv.'
+            '"borderline": the CI excludes 0 but p >= 0.05. detectable (mde in comparisons.csv): the smallest '
+            "true difference this comparison finds 4 times in 5 (two-sided 5% test, normal approximation with the "
+            'spread of the per-row differences); a "no difference" rules out differences of that size, not '
+            "smaller ones. Every metric is in comparisons.csv."
         )
     else:
         report.para("No SFT or baseline to compare with.")

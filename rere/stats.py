@@ -19,6 +19,8 @@ and HR@K / NDCG@K are the means of these arrays. This module works on those arra
       p = (1 + #{b : T(s_b) >= T(1)}) / (1 + B)        (Monte Carlo, two-sided, +1 correction)
       p = #{s in {-1,1}^n : T(s) >= T(1)} / 2^n        (exact: every sign vector, n <= 16)
   The +1 counts the observed data as one of the permutations, so p is never 0.
+- `detectable_difference`: the sensitivity of a paired comparison, the smallest true
+  difference it finds with probability 0.8 (see there): what "no difference" rules out.
 - `signal_share` / `groups_with_signal`: TRL's `frac_reward_zero_std` is the share of a
   step's groups whose G rewards are all equal (zero std: zero advantage, no gradient from
   the reward). 1 - frac is the share with signal; groups with signal in a run
@@ -34,6 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from rere import RereError
 
 N_RESAMPLES = 2000  # bootstrap resamples and Monte Carlo sign flips
 LEVEL = 0.95
+POWER = 0.8  # of the minimum detectable difference
 EXACT_MAX_ROWS = 16  # 2^16 = 65,536 sign vectors: still instant
 _BLOCK_CELLS = 2_000_000  # resamples x rows drawn at once (16 MB of int64)
 
@@ -228,12 +232,38 @@ def paired_permutation_pvalue(a, b, n_resamples: int = N_RESAMPLES, seed: int = 
     return float(p) if d.ndim == 1 else np.asarray(p, dtype=np.float64)
 
 
+def detectable_difference(a, b, level: float = LEVEL, power: float = POWER):
+    """The minimum detectable difference of a paired comparison of these rows: the smallest
+    true |mean(b - a)| that a two-sided test at significance 1 - level finds with probability
+    `power`, in the normal approximation with the spread the per-row differences show,
+
+        mde = (z_{(1+level)/2} + z_{power}) * sd(d) / sqrt(n),   d = b - a, sd with ddof 1.
+
+    It is the comparison's sensitivity, not a test: a "no difference" with mde 0.006 says a
+    true difference of 0.006 or more would have been found 4 times in 5, and nothing about
+    smaller ones. None when there is nothing to estimate the spread from (n < 2, or d the
+    same on every row). For (n, m) inputs, a list of m values.
+
+    >>> round(detectable_difference([0, 0, 0], [0, 0.5, 1.0]), 6)  # sd(d) 0.5: 2.801585 * 0.5 / sqrt(3)
+    0.808748
+    """
+    if not 0 < level < 1 or not 0 < power < 1:
+        raise ValueError(f"level and power must be in (0, 1), got {level} and {power}")
+    d = paired_differences(a, b)
+    n = d.shape[0]
+    z = NormalDist().inv_cdf((1 + level) / 2) + NormalDist().inv_cdf(power)
+    sd = d.std(axis=0, ddof=1) if n > 1 else np.zeros(d.shape[1:])
+    mde = [None if s == 0 else float(z * s / math.sqrt(n)) for s in np.atleast_1d(sd)]
+    return mde[0] if d.ndim == 1 else mde
+
+
 def compare(a, b, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict:
     """Paired comparison of method b with reference a on the same rows (1-d per-row arrays).
 
     Returns diff = mean(b - a), lo / hi (paired bootstrap interval), p (sign-flip
-    permutation), and verdict: "higher" / "lower" when the interval excludes 0 and p < 1 - level,
-    "no difference" when the interval contains 0, "borderline" when the two disagree.
+    permutation), mde (`detectable_difference`), and verdict: "higher" / "lower" when the
+    interval excludes 0 and p < 1 - level, "no difference" when the interval contains 0,
+    "borderline" when the two disagree.
 
     >>> c = compare([0.0] * 8, [0.25] * 8)  # better on all 8 rows: p = 2 / 2^8 (exact)
     >>> c["diff"], c["lo"], c["hi"], c["p"], c["verdict"]
@@ -243,7 +273,8 @@ def compare(a, b, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 
     """
     diff, lo, hi = paired_bootstrap_ci(a, b, n_resamples, seed, level)
     p = paired_permutation_pvalue(a, b, n_resamples, seed)
-    return {"diff": diff, "lo": lo, "hi": hi, "p": p, "verdict": verdict(lo, hi, p, 1 - level)}
+    mde = detectable_difference(a, b, level)
+    return {"diff": diff, "lo": lo, "hi": hi, "p": p, "mde": mde, "verdict": verdict(lo, hi, p, 1 - level)}
 
 
 def compare_columns(
@@ -254,14 +285,15 @@ def compare_columns(
     level: float = LEVEL,
 ) -> dict[str, dict]:
     """`compare` for every metric of two methods on the same rows, with shared resamples:
-    {metric: {"diff", "lo", "hi", "p", "verdict"}} for the metrics in both."""
+    {metric: {"diff", "lo", "hi", "p", "mde", "verdict"}} for the metrics in both."""
     names = [k for k in a if k in b]
     xa = np.column_stack([a[k] for k in names])  # (n, m)
     xb = np.column_stack([b[k] for k in names])  # (n, m)
     diff, lo, hi = paired_bootstrap_ci(xa, xb, n_resamples, seed, level)
     p = paired_permutation_pvalue(xa, xb, n_resamples, seed)
+    mde = detectable_difference(xa, xb, level)
     return {
-        k: {"diff": float(diff[j]), "lo": float(lo[j]), "hi": float(hi[j]), "p": float(p[j]),
+        k: {"diff": float(diff[j]), "lo": float(lo[j]), "hi": float(hi[j]), "p": float(p[j]), "mde": mde[j],
             "verdict": verdict(float(lo[j]), float(hi[j]), float(p[j]), 1 - level)}
         for j, k in enumerate(names)
     }  # fmt: skip

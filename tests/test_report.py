@@ -117,18 +117,26 @@ def test_table_comparisons_figures_and_notes(tmp_path):
     assert c["diff"] == pytest.approx(0.5) and 0 < c["lo"] < 0.5 < c["hi"] <= 1
     assert c["p"] == pytest.approx(1 / 2001) and c["verdict"] == "higher"
     assert c["relative"] == pytest.approx(1.0)
+    # d = 0 on 15 rows, 1 on 15: sd (ddof 1) 0.5 * sqrt(30 / 29), mde = (z_.975 + z_.8) * sd / sqrt(30)
+    assert c["mde"] == pytest.approx((1.959964 + 0.841621) * 0.5 / math.sqrt(29), abs=1e-6)
     same = by[("pop", "sft", "ndcg@5")]  # identical ranks on every row
     assert (same["diff"], same["lo"], same["hi"], same["p"], same["verdict"]) == (0, 0, 0, 1.0, "no difference")
+    assert same["mde"] is None  # no spread to estimate it from
     # SFT vs sasrec on NDCG@5: +0.131 on 15 rows, -0.5 on 5 rows, 0 on 10: mean -0.018, CI around 0
     c = by[("sft", "sasrec", "ndcg@5")]
     assert c["diff"] == pytest.approx((15 * (1 / math.log2(3) - 0.5) - 5 * 0.5) / 30)
     assert c["lo"] < 0 < c["hi"] and c["verdict"] == "no difference"
-    assert len(read_csv(out / "comparisons.csv")) == len(found["comparisons"])
+    csv_rows = read_csv(out / "comparisons.csv")
+    assert len(csv_rows) == len(found["comparisons"])
+    row = next(r for r in csv_rows if (r["method"], r["reference"], r["metric"]) == ("rere", "sft", "hr@5"))
+    assert float(row["mde"]) == pytest.approx(by[("rere", "sft", "hr@5")]["mde"], abs=1e-6)
 
     md = (out / "report.md").read_text()
     assert "| tiny | rere | sft | HR@5 | 1.0000 | 0.5000 | +0.5000 [" in md and "| +100.0% |" in md
     assert "higher *" in md and "no difference" in md and "Marked *: significant at 5%" in md
+    assert "| verdict | detectable |" in md and "| higher * | ±0.2601 |" in md  # 2.801585 * 0.5 / sqrt(29)
     assert "tiny: rere - sft on NDCG@5 = +0.5000 [" in md  # the headline sentence
+    assert "no difference (a true difference of 0." in md and "either way would be found 4 times in 5" in md
     assert "best baseline is sasrec (best by NDCG@5 on the evaluated split)" in md
     assert "| sft | 0.0000 [0.0000, 0.0000] | 0.5000 [0." in md  # values with their CI
     assert "tiny/grpo: no" in md  # missing evaluation noted

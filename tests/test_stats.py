@@ -14,6 +14,7 @@ from rere.stats import (
     check_aligned,
     compare,
     compare_columns,
+    detectable_difference,
     groups_with_signal,
     paired_bootstrap_ci,
     paired_permutation_pvalue,
@@ -137,10 +138,53 @@ def test_compare_columns_is_compare_on_each_metric_with_shared_draws():
     assert list(both) == ["hr@10", "ndcg@10"]  # metrics present in both only
     for name, c in both.items():
         single = compare(a[name], b[name], seed=7)
-        assert {k: c[k] for k in ("diff", "lo", "hi", "p")} == pytest.approx(
-            {k: single[k] for k in ("diff", "lo", "hi", "p")}
+        assert {k: c[k] for k in ("diff", "lo", "hi", "p", "mde")} == pytest.approx(
+            {k: single[k] for k in ("diff", "lo", "hi", "p", "mde")}
         )
         assert c["verdict"] == single["verdict"]
+
+
+Z_80 = 1.959964 + 0.841621  # z_0.975 + z_0.8
+
+
+def test_detectable_difference_by_hand():
+    # d = (0.1, 0.3): sd (ddof 1) = 0.1 * sqrt(2), n = 2 -> Z * 0.1 * sqrt(2) / sqrt(2) = 0.1 Z
+    assert detectable_difference([0.0, 0.0], [0.1, 0.3]) == pytest.approx(0.1 * Z_80, abs=1e-6)
+    # d = +-0.5 on 100 rows: sd = 0.5 * sqrt(100 / 99); four times the rows halves it (about)
+    small = detectable_difference(np.zeros(100), np.array([0.5, -0.5] * 50))
+    assert small == pytest.approx(Z_80 * 0.5 * math.sqrt(100 / 99) / 10, abs=1e-6)
+    large = detectable_difference(np.zeros(400), np.array([0.5, -0.5] * 200))
+    assert large == pytest.approx(Z_80 * 0.5 * math.sqrt(400 / 399) / 20, abs=1e-6)
+    # a higher power or a stricter level needs a larger difference
+    assert detectable_difference(np.zeros(100), np.array([0.5, -0.5] * 50), power=0.9) > small
+    assert detectable_difference(np.zeros(100), np.array([0.5, -0.5] * 50), level=0.99) > small
+    # nothing to estimate the spread from: one row, or the same difference on every row
+    assert detectable_difference([0.0], [1.0]) is None
+    assert detectable_difference([0.0, 1.0], [0.25, 1.25]) is None
+    assert detectable_difference(np.zeros((3, 2)), np.array([[0, 1], [0.5, 1], [1, 1]])) == [
+        pytest.approx(0.5 * Z_80 / math.sqrt(3), abs=1e-6),
+        None,
+    ]
+    assert compare(np.zeros(100), np.array([0.5, -0.5] * 50))["mde"] == small
+
+
+def test_a_true_difference_of_the_mde_is_found_four_times_in_five():
+    # 400 simulated comparisons of 100 rows with d ~ N(delta, 1), delta = the mde of sd 1:
+    # the paired interval should exclude 0 in about 80% of them (binomial sd 2%).
+    rng = np.random.default_rng(0)
+    delta = Z_80 / math.sqrt(100)
+    found = 0
+    for i in range(400):
+        d = rng.normal(delta, 1.0, size=100)
+        _, lo, hi = paired_bootstrap_ci(np.zeros(100), d, n_resamples=500, seed=i)
+        found += lo > 0
+    assert 0.74 < found / 400 < 0.86
+    # and at half the mde, far less often
+    found_half = sum(
+        paired_bootstrap_ci(np.zeros(100), rng.normal(delta / 2, 1.0, size=100), n_resamples=500, seed=i)[1] > 0
+        for i in range(400)
+    )
+    assert found_half / 400 < 0.45
 
 
 def test_misaligned_rows_are_an_error():
