@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from rere import RereError
-from rere.io import atomic_path, read_catalogue, read_json, read_jsonl, save_resolved_config, write_json
+from rere.io import (
+    atomic_path,
+    read_catalogue,
+    read_json,
+    read_jsonl,
+    read_split,
+    save_resolved_config,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,60 @@ def tfidf_embeddings(texts: list[str], dim: int, seed: int) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)  # explained-variance ratio of a degenerate corpus
             emb = svd.fit_transform(tfidf)  # (N, dim)
     return normalize(emb).astype(np.float64)  # (N, d)
+
+
+def ppmi(counts):
+    """Positive pointwise mutual information of a symmetric sparse count matrix (N, N):
+    max(0, log(C[a, b] * total / (C[a] * C[b]))) on the non-zero counts, C[a] the row sums.
+    Pairs seen less often than chance (PMI < 0) become 0, so a popular item is not close to
+    everything. Returns a CSR matrix of the same shape."""
+    from scipy import sparse
+
+    totals = np.asarray(counts.sum(axis=1)).ravel()  # (N,)
+    coo = counts.tocoo()
+    pmi = np.log(coo.data * totals.sum() / (totals[coo.row] * totals[coo.col]))
+    keep = pmi > 0
+    return sparse.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=counts.shape)
+
+
+def interaction_embeddings(rows: list[dict], item_ids: list[int], dim: int, seed: int) -> np.ndarray:
+    """Collaborative item vectors from the train split: PPMI of co-occurrence + truncated SVD.
+
+    Each train row counts its target once with each item of its history, in both directions
+    (C[a, b] += 1 and C[b, a] += 1). In a leave-one-out or temporal split every item of a
+    user's sequence is the target of one row, so two items at most max_history apart count
+    once per user who took both. PPMI[a, b] = max(0, log(C[a, b] * total / (C[a] * C[b]))),
+    with C[a] the row sums; then truncated SVD to `dim` and L2-normalised rows. Items that
+    never occur in train (cold items) get the zero vector. Only train.csv is read: valid
+    and test targets never shape the codes. (N, d), d <= dim, rows in `item_ids` order.
+    """
+    from scipy import sparse
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    position = {item_id: p for p, item_id in enumerate(item_ids)}
+    a, b = [], []
+    for row in rows:
+        unknown = [i for i in [*row["history_item_id"], row["item_id"]] if i not in position]
+        if unknown:
+            raise RereError(
+                f"train.csv: line {row.get('_line', '?')}: item id(s) {unknown[:5]} are not in info.txt; "
+                "the split and the catalogue come from different runs (rerun `rere data`)."
+            )
+        target = position[row["item_id"]]
+        for item in row["history_item_id"]:
+            if item != row["item_id"]:
+                a.append(position[item])
+                b.append(target)
+    if not a:
+        raise RereError("train.csv: no row has a history item other than its target; nothing to embed.")
+    n = len(item_ids)
+    ones = np.ones(2 * len(a))
+    counts = sparse.coo_matrix((ones, (a + b, b + a)), shape=(n, n)).tocsr()  # duplicates are summed
+    dim = min(dim, n - 1)
+    svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
+    emb = svd.fit_transform(ppmi(counts))  # (N, dim)
+    return normalize(emb).astype(np.float64)  # (N, d); a cold item's zero row stays zero
 
 
 def sentence_embeddings(texts: list[str], model_name: str) -> np.ndarray:
@@ -356,6 +418,9 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         log.info("embedding %d item texts with %s", n, cfg.embedder)
         if cfg.embedder == "tfidf":
             emb = tfidf_embeddings(texts, cfg.embedding_dim, config["seed"])
+        elif cfg.embedder == "interactions":
+            train = read_split(data / "train.csv")
+            emb = interaction_embeddings(train, [r["item_id"] for r in records], cfg.embedding_dim, config["seed"])
         else:
             emb = sentence_embeddings(texts, cfg.embedder_model)
         log.info("residual k-means: %d levels x %d codes over %s embeddings", cfg.levels, k, emb.shape)

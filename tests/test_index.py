@@ -2,15 +2,26 @@
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
+from fixtures.rows import d3_row
 
 from rere import RereError
 from rere.cli import main
 from rere.config import load_config
-from rere.index import ItemIndex, auto_codebook_size, build_index, capacity_assign, fingerprint, sid_codes
-from rere.io import write_catalogue, write_jsonl
+from rere.index import (
+    ItemIndex,
+    auto_codebook_size,
+    build_index,
+    capacity_assign,
+    fingerprint,
+    interaction_embeddings,
+    ppmi,
+    sid_codes,
+)
+from rere.io import write_catalogue, write_jsonl, write_split
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Western", "Musical"]
 
@@ -169,3 +180,89 @@ def test_items_jsonl_must_match_the_catalogue(tmp_path):
 def test_fingerprint_depends_on_kind_and_order():
     assert fingerprint("title", [0, 1], ['"A"', '"B"']) != fingerprint("sid", [0, 1], ['"A"', '"B"'])
     assert fingerprint("title", [0, 1], ['"A"', '"B"']) != fingerprint("title", [0, 1], ['"B"', '"A"'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Collaborative semantic IDs (index.sid.embedder: interactions)
+
+
+def cluster_rows(clusters: list[list[int]], titles: dict[int, str]) -> list[dict]:
+    """Train rows in which every item of a cluster is the target once after each other item
+    of its cluster (and never meets an item of another cluster)."""
+    rows = []
+    for c, members in enumerate(clusters):
+        for t, target in enumerate(members):
+            hist = [m for m in members if m != target]
+            rows.append(d3_row(f"u{c}_{t}", hist, target, titles, str, list(range(len(hist))), len(hist)))
+    return rows
+
+
+def test_ppmi_by_hand():
+    from scipy import sparse
+
+    # C01 = 4, C23 = 4, C02 = 1: row sums 5, 4, 5, 4, total 18
+    counts = np.zeros((4, 4))
+    for i, j, c in [(0, 1, 4), (2, 3, 4), (0, 2, 1)]:
+        counts[i, j] = counts[j, i] = c
+    got = ppmi(sparse.csr_matrix(counts)).toarray()
+    want = np.zeros((4, 4))
+    want[0, 1] = want[1, 0] = want[2, 3] = want[3, 2] = math.log(4 * 18 / (5 * 4))  # log 3.6
+    # 0 and 2 met once, less than chance (1 * 18 / 25 < 1): PMI < 0 -> 0
+    assert np.allclose(got, want)
+
+
+def test_interaction_embeddings_bring_co_occurring_items_together():
+    titles = {i: f"Film {i}" for i in range(10)}
+    clusters = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    emb = interaction_embeddings(cluster_rows(clusters, titles), list(range(10)), dim=16, seed=0)
+    assert emb.shape == (10, 9)  # at most n - 1 dimensions
+    cos = emb @ emb.T  # rows are L2-normalised
+    # C = 2 between cluster mates (each is the other's target once), row sums 6, total 48:
+    # PPMI = log(2 * 48 / 36) = log(8/3) on the 3 mates, 0 elsewhere. The SVD keeps every
+    # non-zero direction (rank 8 < 9), so cosines are those of the PPMI rows: two mates share
+    # 2 of their 3 neighbours, cos 2/3; other clusters share none.
+    for a, b in [(0, 1), (2, 3), (4, 7)]:
+        assert cos[a, b] == pytest.approx(2 / 3, abs=1e-6)
+    for a, b in [(0, 4), (3, 5), (1, 7)]:
+        assert cos[a, b] == pytest.approx(0.0, abs=1e-6)
+    # items 8 and 9 never occur in train: the zero vector
+    assert np.allclose(emb[8], 0) and np.allclose(emb[9], 0)
+
+
+def test_interactions_index_reads_train_only(tmp_path):
+    data = tmp_path / "data"
+    titles = make_catalogue(data, n=16)
+    clusters = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    rows = cluster_rows(clusters, titles)
+    write_split(data / "train.csv", rows)
+    write_split(data / "valid.csv", rows[:2])
+    sets = ["index.kind=sid", "index.sid.embedder=interactions", "index.sid.levels=2", "index.sid.codebook_size=4"]
+    config = load_config(overrides=[*sets, "index.sid.embedding_dim=8"])
+    index = build_index(data, config)
+    assert index.stats["embedder"] == "interactions" and len(set(index.codes)) == 16
+    first = {i: index.codes[i].split(">")[0] for i in range(16)}
+    # each co-occurrence cluster is one first-level code, and the four clusters four codes
+    assert [len({first[i] for i in c}) for c in clusters] == [1, 1, 1, 1]
+    assert len({first[c[0]] for c in clusters}) == 4
+
+    # valid.csv does not shape the codes; train.csv does
+    write_split(data / "valid.csv", cluster_rows([[0, 4, 8, 12]], titles))
+    assert build_index(data, config).codes == index.codes
+    write_split(
+        data / "train.csv", cluster_rows([[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]], titles)
+    )
+    moved = build_index(data, config)
+    assert len({moved.codes[i].split(">")[0] for i in (0, 4, 8, 12)}) == 1
+
+
+def test_interactions_index_errors_name_the_file_and_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    titles = make_catalogue(data, n=8)
+    rows = cluster_rows([[0, 1, 2], [3, 4, 5]], titles)
+    rows[2] = d3_row("bad", [1, 99], 2, {**titles, 99: "Ghost"}, str, [0, 1], 2)
+    write_split(data / "train.csv", rows)
+    argv = ["index", "--data", str(data), "--out", str(tmp_path / "idx"), "--set", "index.kind=sid"]
+    assert main([*argv, "--set", "index.sid.embedder=interactions", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "train.csv: line 4: item id(s) [99] are not in info.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "idx").exists()
