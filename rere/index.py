@@ -416,11 +416,14 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         n = len(records)
         k = auto_codebook_size(n, cfg.levels) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
         log.info("embedding %d item texts with %s", n, cfg.embedder)
+        cold = None
         if cfg.embedder == "tfidf":
             emb = tfidf_embeddings(texts, cfg.embedding_dim, config["seed"])
         elif cfg.embedder == "interactions":
             train = read_split(data / "train.csv")
             emb = interaction_embeddings(train, [r["item_id"] for r in records], cfg.embedding_dim, config["seed"])
+            cold = int((~emb.any(axis=1)).sum())
+            log.info("%d of %d items never occur in train.csv (zero interaction vector)", cold, n)
         else:
             emb = sentence_embeddings(texts, cfg.embedder_model)
         log.info("residual k-means: %d levels x %d codes over %s embeddings", cfg.levels, k, emb.shape)
@@ -429,6 +432,8 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         item_ids = [r["item_id"] for r in records]
         codes, new_tokens, stats = sid_codes(item_ids, code_matrix, k)
         stats["embedder"] = cfg.embedder
+        if cold is not None:
+            stats["cold_items"] = cold  # items without any train interaction
         stats["last_level"] = cfg.last_level
         items = [{"item_id": r["item_id"], "title": r["title"], "code": c} for r, c in zip(records, codes, strict=True)]
     elif kind == "atomic":

@@ -240,6 +240,7 @@ def test_interactions_index_reads_train_only(tmp_path):
     config = load_config(overrides=[*sets, "index.sid.embedding_dim=8"])
     index = build_index(data, config)
     assert index.stats["embedder"] == "interactions" and len(set(index.codes)) == 16
+    assert index.stats["cold_items"] == 0
     first = {i: index.codes[i].split(">")[0] for i in range(16)}
     # each co-occurrence cluster is one first-level code, and the four clusters four codes
     assert [len({first[i] for i in c}) for c in clusters] == [1, 1, 1, 1]
