@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rere import RereError
 from rere.config import check_cutoffs
-from rere.io import atomic_path, data_seed, read_split, save_resolved_config
+from rere.io import atomic_path, check_row_items, data_seed, read_split, save_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,8 @@ def check_request(index, rows: list, ev: dict, split: str, source: str = "") -> 
             f"evaluate.num_beams={ev['num_beams']} but the catalogue has only {len(index.items)} items; "
             "beams are distinct items, so set evaluate.num_beams <= the number of items."
         )
-    known = set(index.item_ids)
-    for row in rows:
-        missing = [x for x in [*row["history_item_id"], row["item_id"]] if x not in known]
-        if missing:
-            raise RereError(
-                f"{source or split}: line {row.get('_line', '?')}: item id(s) {missing} are not in the index; "
-                "the data and the index come from different datasets (rebuild the index with `rere index`)."
-            )
+    fix = "the data and the index come from different datasets (rebuild the index with `rere index`)."
+    check_row_items(rows, set(index.item_ids), source or split, "the index", fix)
 
 
 def prompt_ids(tokenizer, rows: list[dict], index, style: str, seed: int) -> list[list[int]]:

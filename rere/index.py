@@ -34,6 +34,7 @@ import numpy as np
 from rere import RereError
 from rere.io import (
     atomic_path,
+    check_row_items,
     read_catalogue,
     read_json,
     read_jsonl,
@@ -147,14 +148,10 @@ def interaction_embeddings(rows: list[dict], item_ids: list[int], dim: int, seed
     from sklearn.preprocessing import normalize
 
     position = {item_id: p for p, item_id in enumerate(item_ids)}
+    fix = "the split and the catalogue come from different runs (rerun `rere data`)."
+    check_row_items(rows, position, "train.csv", "info.txt", fix)
     a, b = [], []
     for row in rows:
-        unknown = [i for i in [*row["history_item_id"], row["item_id"]] if i not in position]
-        if unknown:
-            raise RereError(
-                f"train.csv: line {row.get('_line', '?')}: item id(s) {unknown[:5]} are not in info.txt; "
-                "the split and the catalogue come from different runs (rerun `rere data`)."
-            )
         target = position[row["item_id"]]
         for item in row["history_item_id"]:
             if item != row["item_id"]:

@@ -177,6 +177,17 @@ def _literal(value: str, path: Path, line: int, column: str) -> Any:
         raise RereError(f"{path}: line {line}: column '{column}' is not a literal list: {value[:80]!r}") from None
 
 
+def check_row_items(rows: list[dict], known, source: str, where: str, fix: str) -> None:
+    """RereError at the first row whose history or target holds an item id not in `known`,
+    naming `source`, the row's line, the ids, `where` they were looked up and `fix`."""
+    for row in rows:
+        missing = [x for x in [*row["history_item_id"], row["item_id"]] if x not in known]
+        if missing:
+            raise RereError(
+                f"{source}: line {row.get('_line', '?')}: item id(s) {missing[:5]} are not in {where}; {fix}"
+            )
+
+
 def read_split(path: str | Path) -> list[dict]:
     """Read a D3-format CSV into a list of row dicts with list columns parsed.
 

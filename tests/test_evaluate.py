@@ -116,6 +116,10 @@ def test_bad_requests_fail_before_decoding(base, tmp_path, no_decoding, capsys):
     config["evaluate"].update(ks=[1], num_beams=13)
     with pytest.raises(RereError, match="only 12 items"):
         evaluate_model(model, tok, index, rows, config, style="compact")
+    config["evaluate"].update(num_beams=5)
+    ghost = [rows[0], {**rows[1], "history_item_id": [*rows[1]["history_item_id"], 99]}]
+    with pytest.raises(RereError, match=r"line \d+: item id\(s\) \[99\] are not in the index; the data and the index"):
+        evaluate_model(model, tok, index, ghost, config, style="compact")
 
     # From the CLI: K > B, an empty split, a model built for another index.
     out = tmp_path / "r"
