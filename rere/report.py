@@ -263,8 +263,9 @@ def comparisons(rows: list[dict], per_row: dict, columns: list[str], seed: int) 
     baseline" | "variant"), metric, value, reference_value, diff = value - reference_value, relative, and
     from rere.stats.compare_columns lo / hi (paired bootstrap 95% CI of diff), p (paired
     sign-flip permutation), mde (the difference the comparison finds 80% of the time) and
-    verdict; those five are None when either method has no predictions.jsonl. Rows are checked to be the same (same users, targets and histories in
-    the same order) before any comparison.
+    verdict; those five are None when either method has no predictions.jsonl. Rows are
+    checked to be the same (same users, targets and histories in the same order) before any
+    comparison.
     Also returns {run_name: (best baseline method, how it was chosen)}, run_name being the
     dataset, or `<dataset>/seed-<S>` with `seeds`.
     """
@@ -1051,8 +1052,8 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
             'Marked *: significant at 5% (the paired 95% CI excludes 0 and p < 0.05). "no difference": the CI contains 0. '
             '"borderline": the CI excludes 0 but p >= 0.05. detectable (mde in comparisons.csv): the smallest '
             "true difference this comparison finds 4 times in 5 (two-sided 5% test, normal approximation with the "
-            'spread of the per-row differences); a "no difference" rules out differences of that size, not '
-            "smaller ones. Every metric is in comparisons.csv."
+            'spread of the per-row differences); a "no difference" speaks against differences of that size, '
+            "not against smaller ones. Every metric is in comparisons.csv."
         )
     else:
         report.para("No SFT or baseline to compare with.")

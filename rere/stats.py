@@ -20,7 +20,8 @@ and HR@K / NDCG@K are the means of these arrays. This module works on those arra
       p = #{s in {-1,1}^n : T(s) >= T(1)} / 2^n        (exact: every sign vector, n <= 16)
   The +1 counts the observed data as one of the permutations, so p is never 0.
 - `detectable_difference`: the sensitivity of a paired comparison, the smallest true
-  difference it finds with probability 0.8 (see there): what "no difference" rules out.
+  difference it finds with probability 0.8 (see there): the size a "no difference" speaks
+  against.
 - `signal_share` / `groups_with_signal`: TRL's `frac_reward_zero_std` is the share of a
   step's groups whose G rewards are all equal (zero std: zero advantage, no gradient from
   the reward). 1 - frac is the share with signal; groups with signal in a run
