@@ -94,11 +94,27 @@ def fingerprint(kind: str, item_ids: list[int], codes: list[str]) -> str:
 # ---------------------------------------------------------------------------- embeddings
 
 
+def svd_unit_rows(matrix, dim: int, seed: int) -> np.ndarray:
+    """Truncated SVD of an (N, V) sparse matrix to at most `dim` components, rows
+    L2-normalised (zero rows stay zero). TruncatedSVD needs fewer components than either
+    side, so tiny inputs get fewer dimensions (none: the rows as they are). (N, d)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    dim = min(dim, matrix.shape[1] - 1, matrix.shape[0] - 1)
+    if dim < 1:
+        emb = matrix.toarray()
+    else:
+        svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # explained-variance ratio of a degenerate input
+            emb = svd.fit_transform(matrix)  # (N, dim)
+    return normalize(emb).astype(np.float64)
+
+
 def tfidf_embeddings(texts: list[str], dim: int, seed: int) -> np.ndarray:
     """TF-IDF (words, sublinear tf) + truncated SVD, rows L2-normalised. (N, d), d <= dim."""
-    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.preprocessing import normalize
 
     try:
         tfidf = TfidfVectorizer(sublinear_tf=True, token_pattern=r"(?u)\b\w+\b").fit_transform(texts)  # (N, V)
@@ -106,16 +122,7 @@ def tfidf_embeddings(texts: list[str], dim: int, seed: int) -> np.ndarray:
         raise RereError(
             "items.jsonl: the item texts contain no words to embed; check the data stage's `text` field."
         ) from None
-    # TruncatedSVD needs fewer components than features; tiny catalogues get fewer dimensions.
-    dim = min(dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
-    if dim < 1:
-        emb = tfidf.toarray()
-    else:
-        svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # explained-variance ratio of a degenerate corpus
-            emb = svd.fit_transform(tfidf)  # (N, dim)
-    return normalize(emb).astype(np.float64)  # (N, d)
+    return svd_unit_rows(tfidf, dim, seed)
 
 
 def ppmi(counts):
@@ -144,8 +151,6 @@ def interaction_embeddings(rows: list[dict], item_ids: list[int], dim: int, seed
     and test targets never shape the codes. (N, d), d <= dim, rows in `item_ids` order.
     """
     from scipy import sparse
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.preprocessing import normalize
 
     position = {item_id: p for p, item_id in enumerate(item_ids)}
     fix = "the split and the catalogue come from different runs (rerun `rere data`)."
@@ -162,10 +167,7 @@ def interaction_embeddings(rows: list[dict], item_ids: list[int], dim: int, seed
     n = len(item_ids)
     ones = np.ones(2 * len(a))
     counts = sparse.coo_matrix((ones, (a + b, b + a)), shape=(n, n)).tocsr()  # duplicates are summed
-    dim = min(dim, n - 1)
-    svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
-    emb = svd.fit_transform(ppmi(counts))  # (N, dim)
-    return normalize(emb).astype(np.float64)  # (N, d); a cold item's zero row stays zero
+    return svd_unit_rows(ppmi(counts), dim, seed)  # (N, d); a cold item's zero row stays zero
 
 
 def sentence_embeddings(texts: list[str], model_name: str) -> np.ndarray:
