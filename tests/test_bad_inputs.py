@@ -247,7 +247,6 @@ def test_a_tab_in_a_title_becomes_a_space_in_reader_and_writer(tmp_path):
         words={},
         item_order=["a", "b", "c"],
         user_order=["u"],
-        tie_by_item=False,
     )
     ds = {"max_history": 10, "split": "leave_one_out"}
     _, items, _ = build_from_corpus(corpus, ds, seed=0, source="amazon")

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import re
 import shutil
 import zipfile
@@ -25,6 +26,7 @@ from rere.config import load_config
 from rere.data import (
     RECBOLE_INTER,
     RECBOLE_ITEM,
+    Corpus,
     assign_ids,
     build,
     build_from_corpus,
@@ -32,15 +34,18 @@ from rere.data import (
     k_core,
     read_amazon,
     read_recbole,
+    same_time_share,
     split_temporal,
     unique_titles,
+    user_sequences,
 )
 from rere.io import read_catalogue, read_jsonl, read_split
 
 # ----------------------------------------------------------------- MovieLens-like fixture
 # Raw ids are strings; "10" is listed before "2" in the file (and sorts before it as text)
-# so the (timestamp, numeric item id) tie rule is visible: user 1 rated 10 and 2 at t=100,
-# user 3 rated 3 and 2 at t=300.
+# so the same-time rules (datasets.*.ties) are visible: user 1 rated 10 and 2 at t=100,
+# user 3 rated 3 and 2 at t=300. The default, shuffle, orders them by sha256(seed, user,
+# item): with seed 42, 2 before 10 for user 1 and 2 before 3 for user 3 (as item_id would).
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
 1\t10\t3\t100
 1\t2\t4\t100
@@ -104,7 +109,9 @@ def _grouplens_zip() -> bytes:
             line("10", "unknown", {"unknown"}),
         ]
     )
-    u_data = "".join(line + "\n" for line in INTER.splitlines()[1:])  # u.data: same tab-separated rows, no header
+    # u.data: the same tab-separated rows, no header, in reverse order: the split must not
+    # depend on the file's row order.
+    u_data = "".join(line + "\n" for line in INTER.splitlines()[1:][::-1])
     return _zip({"ml-100k/u.data": u_data, "ml-100k/u.item": u_item.encode("latin-1")})
 
 
@@ -190,6 +197,8 @@ def test_recbole_leave_one_out_end_to_end(ml_data, tmp_path):
     assert stats["rows"] == {"train": 1, "valid": 1, "test": 3}
     assert stats["time_range"] == [50, 300] and stats["split"] == "leave_one_out" and stats["source"] == "recbole"
     assert stats["renamed_duplicate_titles"] == 2
+    # Consecutive pairs: u1 (50,100) (100,100) (100,200), u2 (120,150), u3 (300,300): 2 of 5 tie.
+    assert stats["ties"] == "shuffle" and stats["same_time_pairs"] == 0.4
     assert yaml.safe_load((ml_data / "config.yaml").read_text())["datasets"]["ml"]["max_history"] == 2
 
 
@@ -224,6 +233,55 @@ def test_temporal_split_and_grouplens_agree_with_recbole(ml_data, server, tmp_pa
     assert _brief(read_split(tmp_path / "rb" / "test.csv")) == [("3", ["2"], "3")]
     for name in ("train.csv", "valid.csv", "test.csv", "info.txt", "items.jsonl"):
         assert (tmp_path / "gl" / name).read_text() == (tmp_path / "rb" / name).read_text(), name
+
+
+def _tie_corpus(events):
+    items = sorted({e[1] for e in events}, key=int)
+    users = sorted({e[0] for e in events}, key=int)
+    return Corpus(events, {i: i for i in items}, {}, items, users)
+
+
+def test_same_time_events_follow_datasets_ties():
+    events = [("1", "10", 3.0, 100), ("1", "2", 4.0, 100), ("1", "1", 5.0, 50), ("1", "5", 2.0, 200)]
+
+    def order(ties, evs=events, seed=42):
+        return [e[0] for e in user_sequences(_tie_corpus(evs), ties, seed)["1"]]
+
+    assert order("item_id") == ["1", "2", "10", "5"]  # numerically, not as text
+    assert order("file") == ["1", "10", "2", "5"]
+    assert order("file", events[::-1]) == ["1", "2", "10", "5"]
+
+    def sha(seed, user, item):  # the documented key, derived here independently
+        return hashlib.sha256(f"{seed}\0{user}\0{item}".encode()).digest()[:8]
+
+    for seed in (42, 7):
+        tied = sorted(["10", "2"], key=lambda i, s=seed: sha(s, "1", i))
+        assert order("shuffle", seed=seed) == ["1", *tied, "5"]
+        assert order("shuffle", events[::-1], seed) == order("shuffle", seed=seed)  # not the file's order
+    with pytest.raises(RereError, match=r"datasets\.\*\.ties' is 'time'"):
+        order("time")
+
+
+def test_shuffled_ties_carry_no_item_order():
+    """400 users with two same-time events each: by item_id the later one always has the larger
+    raw id; shuffled, about half the time (binomial sd 0.025), and another seed reorders about
+    half of the pairs."""
+    rng = random.Random(0)
+    events = []
+    for u in range(400):
+        a, b = rng.sample(range(1, 1000), 2)
+        events += [(str(u), str(a), 1.0, 10), (str(u), str(b), 1.0, 10), (str(u), "1000", 1.0, 5)]
+    corpus = _tie_corpus(events)
+
+    def later_larger(seqs):
+        return sum(int(s[2][0]) > int(s[1][0]) for s in seqs.values()) / len(seqs)
+
+    assert later_larger(user_sequences(corpus, "item_id")) == 1.0
+    by42, by43 = user_sequences(corpus, "shuffle", 42), user_sequences(corpus, "shuffle", 43)
+    assert 0.42 < later_larger(by42) < 0.58 and 0.42 < later_larger(by43) < 0.58
+    assert 140 < sum(by42[u] != by43[u] for u in by42) < 260
+    assert all(s[0][0] == "1000" for s in by42.values())  # the earlier event stays first
+    assert same_time_share(by42) == 0.5
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ script does:
    full review list. stats.json records the window used.
 5. Ids: items in order of first appearance among the surviving reviews (file order),
    then `random.Random(seed).shuffle` -> ids 0..N-1 (seed 42 reproduces the reference).
-6. Sequences: each user's reviews sorted by time; ties keep file order (a stable sort,
-   as the reference). Users are visited in order of first appearance.
+6. Sequences: each user's reviews sorted by time; ties keep file order with `ties: file`
+   (a stable sort, as the reference; config/amazon.yaml sets it), or follow
+   `datasets.*.ties`. Users are visited in order of first appearance.
 Item text: the cleaned title plus the metadata `category` list (HTML entities unescaped).
 Files are kept in `{download_dir}/amazon/`.
 """
@@ -191,7 +192,6 @@ def read_amazon(reviews_path: Path, meta_path: Path, ds: dict) -> Corpus:
         {i: categories.get(i, []) for i in items},
         items,
         users,
-        tie_by_item=False,
         notes={
             "window": window,
             "window_timestamps": [start, end],

@@ -20,7 +20,6 @@ class Corpus:
     words: dict[str, list[str]]  # genres / categories for the item text
     item_order: list[str]
     user_order: list[str]
-    tie_by_item: bool  # True: same-time ties ordered by raw item id; False: by file order
     notes: dict = field(default_factory=dict)
 
 

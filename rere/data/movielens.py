@@ -93,7 +93,7 @@ def _ml_corpus(events, titles, words, where_item: str) -> Corpus:
     used = {e[1] for e in events}
     items = sorted(used, key=num_key)
     users = sorted({e[0] for e in events}, key=num_key)
-    return Corpus(events, {i: titles[i] for i in items}, {i: words[i] for i in items}, items, users, tie_by_item=True)
+    return Corpus(events, {i: titles[i] for i in items}, {i: words[i] for i in items}, items, users)
 
 
 def read_recbole(archive: Path) -> Corpus:

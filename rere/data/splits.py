@@ -1,10 +1,15 @@
 """From a `Corpus` to D3 rows: unique titles, seeded item ids, per-user sequences, samples,
 and the two split protocols.
 
-- Per-user order (MovieLens): by (timestamp, numeric raw item id); users are visited in
-  numeric id order; items are listed in numeric id order before the seeded shuffle.
-  (ML-100K has many same-second ratings; the key makes their order independent of the
-  file's row order, so the RecBole and GroupLens copies agree.)
+- Per-user order: by timestamp; events with the same timestamp (`datasets.*.ties`) in a
+  seeded order (`shuffle`: by sha256 of seed, user and raw item id), by numeric raw item
+  id (`item_id`), or in file order (`file`, a stable sort). MovieLens users are visited in
+  numeric id order, and items listed in numeric id order before the seeded shuffle.
+  ML-100K has many same-second ratings (half of the consecutive pairs of a user); `shuffle`
+  and `item_id` make their order independent of the file's row order, so the RecBole and
+  GroupLens copies agree, but `item_id` writes the catalogue's id order into every
+  same-second run: there the next item always has the larger raw id, which a model can
+  learn and which says nothing about the user (stats.json records `same_time_pairs`).
 - Samples: one per position i >= 1 of a user's sequence: target = item i, history = the
   previous `max_history` items (fewer at the start).
 - `temporal`: all samples sorted by target timestamp (a stable sort over users in the order
@@ -23,6 +28,7 @@ and the two split protocols.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections import Counter
@@ -59,17 +65,47 @@ def assign_ids(item_order: list[str], seed: int) -> dict[str, int]:
     return {raw: i for i, raw in enumerate(order)}
 
 
-def user_sequences(corpus: Corpus) -> dict[str, list[tuple[str, float, int]]]:
-    """user -> [(item, rating, timestamp)] in time order (ties: see the module docstring)."""
+TIES = ("shuffle", "item_id", "file")
+
+
+def tie_key(seed: int, user: str, item: str) -> int:
+    """The seeded position of an event among its user's same-time events: the first 8 bytes
+    of sha256(seed, user, item). It depends on nothing else (not the file's row order, not
+    the item's id), so every copy of the data gives the same order, and another seed another.
+
+    >>> tie_key(42, "1", "10") == tie_key(42, "1", "10"), tie_key(42, "1", "10") == tie_key(43, "1", "10")
+    (True, False)
+    """
+    digest = hashlib.sha256(f"{seed}\0{user}\0{item}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def user_sequences(corpus: Corpus, ties: str = "shuffle", seed: int = 0) -> dict[str, list[tuple[str, float, int]]]:
+    """user -> [(item, rating, timestamp)] in time order; same-time events ordered by `ties`
+    (shuffle | item_id | file, see the module docstring)."""
+    if ties not in TIES:
+        raise RereError(f"key 'datasets.*.ties' is {ties!r}; use one of {', '.join(TIES)}.")
     seqs: dict[str, list[tuple[str, float, int]]] = {u: [] for u in corpus.user_order}
     for user, item, rating, ts in corpus.events:
         seqs[user].append((item, rating, ts))
-    for seq in seqs.values():
-        if corpus.tie_by_item:
+    for user, seq in seqs.items():
+        if ties == "shuffle":
+            seq.sort(key=lambda e, u=user: (e[2], tie_key(seed, u, e[0])))
+        elif ties == "item_id":
             seq.sort(key=lambda e: (e[2], num_key(e[0])))
         else:
             seq.sort(key=lambda e: e[2])  # stable: ties keep file order
     return seqs
+
+
+def same_time_share(seqs: dict[str, list[tuple[str, float, int]]]) -> float:
+    """Share of consecutive events of a user that have the same timestamp (0 if none).
+
+    >>> same_time_share({"u": [("a", 1.0, 5), ("b", 1.0, 5), ("c", 1.0, 9)], "v": [("a", 1.0, 1)]})
+    0.5
+    """
+    pairs = [(a[2], b[2]) for seq in seqs.values() for a, b in zip(seq[:-1], seq[1:], strict=True)]
+    return sum(1 for a, b in pairs if a == b) / len(pairs) if pairs else 0.0
 
 
 def make_samples(seqs, ids: dict[str, int], titles: dict[str, str], max_history: int) -> list[tuple[int, int, dict]]:
@@ -125,7 +161,8 @@ def build_from_corpus(corpus: Corpus, ds: dict, seed: int, source: str) -> tuple
             next(t for t in titles.values() if t.endswith("]")),
         )
     ids = assign_ids(corpus.item_order, seed)
-    seqs = user_sequences(corpus)
+    ties = ds.get("ties", "shuffle")
+    seqs = user_sequences(corpus, ties, seed)
     samples = make_samples(seqs, ids, titles, ds["max_history"])
     splits = split_temporal(samples) if ds["split"] == "temporal" else split_leave_one_out(samples)
     items = sorted(
@@ -152,7 +189,8 @@ def build_from_corpus(corpus: Corpus, ds: dict, seed: int, source: str) -> tuple
         "max_history": ds["max_history"],
         "seed": seed,
         "renamed_duplicate_titles": renamed,
-        "tie_order": "(timestamp, raw item id)" if corpus.tie_by_item else "(timestamp, file order)",
+        "ties": ties,
+        "same_time_pairs": round(same_time_share(seqs), 4),
         **corpus.notes,
     }
     return splits, items, stats
