@@ -242,22 +242,23 @@ def _tie_corpus(events):
 
 
 def test_same_time_events_follow_datasets_ties():
-    events = [("1", "10", 3.0, 100), ("1", "2", 4.0, 100), ("1", "1", 5.0, 50), ("1", "5", 2.0, 200)]
+    tied = ["10", "2", "7", "30", "4"]  # all rated at t=100, in this file order
+    events = [("1", i, 3.0, 100) for i in tied] + [("1", "1", 5.0, 50), ("1", "5", 2.0, 200)]
 
     def order(ties, evs=events, seed=42):
         return [e[0] for e in user_sequences(_tie_corpus(evs), ties, seed)["1"]]
 
-    assert order("item_id") == ["1", "2", "10", "5"]  # numerically, not as text
-    assert order("file") == ["1", "10", "2", "5"]
-    assert order("file", events[::-1]) == ["1", "2", "10", "5"]
+    assert order("item_id") == ["1", "2", "4", "7", "10", "30", "5"]  # numerically, not as text
+    assert order("file") == ["1", *tied, "5"]
+    assert order("file", events[::-1]) == ["1", *tied[::-1], "5"]
 
     def sha(seed, user, item):  # the documented key, derived here independently
         return hashlib.sha256(f"{seed}\0{user}\0{item}".encode()).digest()[:8]
 
     for seed in (42, 7):
-        tied = sorted(["10", "2"], key=lambda i, s=seed: sha(s, "1", i))
-        assert order("shuffle", seed=seed) == ["1", *tied, "5"]
+        assert order("shuffle", seed=seed) == ["1", *sorted(tied, key=lambda i, s=seed: sha(s, "1", i)), "5"]
         assert order("shuffle", events[::-1], seed) == order("shuffle", seed=seed)  # not the file's order
+    assert order("shuffle", seed=42) != order("shuffle", seed=7)
     with pytest.raises(RereError, match=r"datasets\.\*\.ties' is 'time'"):
         order("time")
 
