@@ -851,13 +851,32 @@ def report_across_seeds(report: Report, spread: list[dict], shown: list[str]) ->
     )
 
 
+TIE_RULES = {"shuffle": "in a seeded order", "file": "in the source file's order"}
+
+
 def data_warnings(data: Path, config: dict) -> list[str]:
-    """Header warnings about what a dataset's splits are: a D3 import whose train split is a
-    copy of valid (`missing_train: use_valid`, recorded as `train_from: valid` in stats.json)."""
+    """Header lines about what a dataset's splits are (from its stats.json): a D3 import whose
+    train split is a copy of valid (`missing_train: use_valid`, recorded as `train_from:
+    valid`), and how a user's same-time events were ordered (`ties`, `same_time_pairs`): a
+    warning for raw item id order, which a model can learn, a note otherwise."""
     out = []
     for dataset, ds in config["datasets"].items():
         path = data / dataset / "stats.json"
-        train_from = read_json(path).get("train_from") if path.is_file() else None
+        stats = read_json(path) if path.is_file() else {}
+        train_from = stats.get("train_from")
+        ties, share = stats.get("ties"), stats.get("same_time_pairs")
+        if share and ties == "item_id":
+            out.append(
+                f"Warning ({dataset}): {share:.0%} of a user's consecutive events share their timestamp and are "
+                f"ordered by raw item id (ties: item_id, {path}). Inside such a run the next item always has the "
+                "larger raw id, which a sequential model can learn and no user behaviour explains; rebuild the "
+                "data with ties: shuffle."
+            )
+        elif share and ties in TIE_RULES:
+            out.append(
+                f"Note ({dataset}): {share:.0%} of a user's consecutive events share their timestamp; they are "
+                f"{TIE_RULES[ties]} (ties: {ties})."
+            )
         if train_from == "valid":
             out.append(
                 f"Warning ({dataset}): train.csv is a copy of valid.csv (missing_train: use_valid, {path}). "

@@ -232,6 +232,32 @@ def test_header_says_when_train_was_copied_from_valid(tmp_path):
     assert "Warning (tiny): the config allows missing_train: use_valid" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_header_says_how_same_time_events_were_ordered(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    stats_json = tmp_path / "data" / "tiny" / "stats.json"
+    stats_json.parent.mkdir(parents=True)
+    config = load_config([TINY])
+
+    def header(stats):
+        stats_json.write_text(json.dumps(stats))
+        build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+        md = (tmp_path / "out" / "report.md").read_text()
+        return md[: md.index("## Results")]
+
+    text = header({"ties": "item_id", "same_time_pairs": 0.5104})
+    assert (
+        "Warning (tiny): 51% of a user's consecutive events share their timestamp and are ordered by raw item id"
+        in text
+    )
+    assert "rebuild the data with ties: shuffle" in text
+    text = header({"ties": "shuffle", "same_time_pairs": 0.5104})
+    assert "Warning" not in text
+    assert "Note (tiny): 51% of a user's consecutive events share their timestamp; they are in a seeded order" in text
+    assert "in the source file's order (ties: file)" in header({"ties": "file", "same_time_pairs": 0.02})
+    assert "Note (tiny)" not in header({"ties": "item_id", "same_time_pairs": 0.0})  # no ties, nothing to say
+    assert "Warning" not in header({"ties": "item_id", "same_time_pairs": 0.0})
+
+
 def test_groups_per_step_from_rollouts_else_the_runs_config(tmp_path):
     config = load_config([TINY])
     log = [{"step": 1, "frac_reward_zero_std": 2 / 3}, {"step": 2, "frac_reward_zero_std": 1 / 3}]
