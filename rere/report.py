@@ -649,8 +649,10 @@ def plot_metric_bars(
         values = [row[c] for c in columns]
         yerr = None
         if all(row.get(f"{c}_lo") is not None for c in columns):
-            yerr = [[v - row[f"{c}_lo"] for c, v in zip(columns, values, strict=True)],  # below each bar
-                    [row[f"{c}_hi"] - v for c, v in zip(columns, values, strict=True)]]  # fmt: skip
+            # Clamped at 0: the mean of equal values can fall one ulp below their min (pop, the same
+            # for every seed), and a percentile interval need not contain its point estimate.
+            yerr = [[max(0.0, v - row[f"{c}_lo"]) for c, v in zip(columns, values, strict=True)],  # below
+                    [max(0.0, row[f"{c}_hi"] - v) for c, v in zip(columns, values, strict=True)]]  # fmt: skip
         ax.bar(xs, values, width=width, label=row["method"], yerr=yerr, capsize=2)
     ax.set_xticks([c + width * (len(rows) - 1) / 2 for c in range(len(columns))], [c.upper() for c in columns])
     ax.set_ylabel(f"score ({bars})")

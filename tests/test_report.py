@@ -527,3 +527,18 @@ def test_repeat_column_is_the_share_of_the_top_k_found_in_the_history(tmp_path):
     assert float(table["rere"]["repeat"]) == pytest.approx(0.2)
     report = (out / "report.md").read_text()
     assert "in history@5" in report and "| 0.3000 |" in report
+
+
+def test_seed_bars_of_a_method_equal_in_every_seed(tmp_path):
+    """pop gives the same value for every seed; numpy's mean of three copies of this value is one
+    ulp below it, so the bar's lower error (mean - min) was negative and matplotlib refused to
+    draw (the three-seed report failed). The bar is drawn with no error below it."""
+    v = 0.05112747213686085
+    config = {"datasets": {"d": {}}, "rl": {"variants": {}}, "baselines": {"methods": []}, "evaluate": {"ks": [10]}}
+    rows = [{"dataset": "d", "method": "sft", "kind": "sft", "hr@10": 0.1, "ndcg@10": v} for _ in range(3)]
+    spread = rere.report.across_seeds(rows, config)
+    bars = rere.report.mean_rows(spread, ["ndcg@10"])
+    assert bars[0]["ndcg@10"] < bars[0]["ndcg@10_lo"] == v  # the rounding that made the error negative
+    path = tmp_path / "bars.png"
+    rere.report.plot_metric_bars(bars, ["ndcg@10"], "d", path, bars="bars: min-max over seeds")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
