@@ -170,6 +170,17 @@ def interaction_embeddings(rows: list[dict], item_ids: list[int], dim: int, seed
     return svd_unit_rows(ppmi(counts), dim, seed)  # (N, d); a cold item's zero row stays zero
 
 
+def item_embeddings(data: Path, item_ids: list[int], texts: list[str], sid: dict, seed: int) -> np.ndarray:
+    """The `index.sid.embedder` vectors of the items, in `item_ids` order: tfidf and
+    sentence-transformers over their `texts`, interactions from `data`/train.csv. The index
+    stage clusters them; the semantic reward compares them. (N, d)."""
+    if sid["embedder"] == "interactions":
+        return interaction_embeddings(read_split(Path(data) / "train.csv"), item_ids, sid["embedding_dim"], seed)
+    if sid["embedder"] == "tfidf":
+        return tfidf_embeddings(texts, sid["embedding_dim"], seed)
+    return sentence_embeddings(texts, sid["embedder_model"])
+
+
 def sentence_embeddings(texts: list[str], model_name: str) -> np.ndarray:
     try:
         from sentence_transformers import SentenceTransformer
@@ -412,23 +423,18 @@ def build_index(data: str | Path, config: dict) -> ItemIndex:
         cfg = SidConfig(**config["index"]["sid"])
         records = _read_items(data)
         texts = [r["text"] for r in records]
+        item_ids = [r["item_id"] for r in records]
         n = len(records)
         k = auto_codebook_size(n, cfg.levels) if cfg.codebook_size == "auto" else int(cfg.codebook_size)
-        log.info("embedding %d item texts with %s", n, cfg.embedder)
+        log.info("embedding %d items with %s", n, cfg.embedder)
+        emb = item_embeddings(data, item_ids, texts, config["index"]["sid"], config["seed"])
         cold = None
-        if cfg.embedder == "tfidf":
-            emb = tfidf_embeddings(texts, cfg.embedding_dim, config["seed"])
-        elif cfg.embedder == "interactions":
-            train = read_split(data / "train.csv")
-            emb = interaction_embeddings(train, [r["item_id"] for r in records], cfg.embedding_dim, config["seed"])
+        if cfg.embedder == "interactions":
             cold = int((~emb.any(axis=1)).sum())
             log.info("%d of %d items never occur in train.csv (zero interaction vector)", cold, n)
-        else:
-            emb = sentence_embeddings(texts, cfg.embedder_model)
         log.info("residual k-means: %d levels x %d codes over %s embeddings", cfg.levels, k, emb.shape)
         distinct = cfg.last_level == "distinct"
         code_matrix = residual_kmeans(emb, cfg.levels, k, cfg.kmeans_iters, config["seed"], distinct_last=distinct)
-        item_ids = [r["item_id"] for r in records]
         codes, new_tokens, stats = sid_codes(item_ids, code_matrix, k)
         stats["embedder"] = cfg.embedder
         if cold is not None:

@@ -256,6 +256,21 @@ def test_interactions_index_reads_train_only(tmp_path):
     assert len({moved.codes[i].split(">")[0] for i in (0, 4, 8, 12)}) == 1
 
 
+def test_semantic_reward_vectors_follow_the_index_embedder(tmp_path):
+    """rl's semantic reward embeds items with index.sid.embedder, interactions included (it
+    used to fall through to sentence-transformers for anything but tfidf)."""
+    from rere.rl.inputs import item_vectors
+
+    data = tmp_path / "data"
+    titles = make_catalogue(data, n=10)
+    rows = cluster_rows([[0, 1, 2, 3], [4, 5, 6, 7]], titles)
+    write_split(data / "train.csv", rows)
+    config = load_config(overrides=["index.sid.embedder=interactions", "index.sid.embedding_dim=16"])
+    got = item_vectors(data, config)
+    assert np.allclose(got, interaction_embeddings(rows, list(range(10)), dim=16, seed=config["seed"]))
+    assert got[0] @ got[1] == pytest.approx(2 / 3, abs=1e-6) and np.allclose(got[8], 0)
+
+
 def test_interactions_index_errors_name_the_file_and_line(tmp_path, capsys):
     data = tmp_path / "data"
     titles = make_catalogue(data, n=8)

@@ -133,20 +133,16 @@ def training_rows(rows: list[dict], index, style: str, seed: int, eos: str = "")
 
 
 def item_vectors(data: Path, config: dict):
-    """Item text embeddings for the semantic reward, rows indexed by item id: the index
-    stage's embedder (`index.sid`) over items.jsonl's `text`."""
+    """Item embeddings for the semantic reward, rows indexed by item id: the index stage's
+    embedder (`index.sid`, rere.index.item_embeddings)."""
     import numpy as np
 
-    from rere.index import sentence_embeddings, tfidf_embeddings
+    from rere.index import item_embeddings
     from rere.io import read_jsonl
 
     records = sorted(read_jsonl(data / "items.jsonl"), key=lambda r: int(r["item_id"]))
     texts = [str(r.get("text") or r.get("title") or "") for r in records]
-    sid = config["index"]["sid"]
-    if sid["embedder"] == "tfidf":
-        emb = tfidf_embeddings(texts, sid["embedding_dim"], config["seed"])
-    else:
-        emb = sentence_embeddings(texts, sid["embedder_model"])
+    emb = item_embeddings(data, [int(r["item_id"]) for r in records], texts, config["index"]["sid"], config["seed"])
     out = np.zeros((max(int(r["item_id"]) for r in records) + 1, emb.shape[1]))
     out[[int(r["item_id"]) for r in records]] = emb
     return out
