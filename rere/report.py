@@ -854,6 +854,23 @@ def report_across_seeds(report: Report, spread: list[dict], shown: list[str]) ->
 
 
 TIE_RULES = {"shuffle": "in a seeded order", "file": "in the source file's order"}
+TIE_SOURCE = {None: "as the imported rows have them", "file": "ties: file, the source file's order"}
+
+
+def id_ordered(order: dict) -> bool:
+    """Whether stats.json's `same_time_order` shows same-time events in raw id order: among at
+    least 100 same-time pairs, the later item has the larger id in at most 40% or at least 60%,
+    and at least 4 standard errors from the 50% of an order that says nothing about the ids.
+
+    >>> id_ordered({"pairs": 11799, "later_id_larger": 0.8}), id_ordered({"pairs": 49724, "later_id_larger": 0.501})
+    (True, False)
+    >>> id_ordered({"pairs": 120, "later_id_larger": 0.65}), id_ordered({}), id_ordered({"pairs": 0, "later_id_larger": None})
+    (False, False, False)
+    """
+    n, x = order.get("pairs") or 0, order.get("later_id_larger")
+    if n < 100 or x is None:
+        return False
+    return abs(x - 0.5) >= 0.1 and abs(x - 0.5) * 2 * n**0.5 >= 4
 
 
 def data_warnings(data: Path, config: dict) -> list[str]:
@@ -867,17 +884,30 @@ def data_warnings(data: Path, config: dict) -> list[str]:
         stats = read_json(path) if path.is_file() else {}
         train_from = stats.get("train_from")
         ties, share = stats.get("ties"), stats.get("same_time_pairs")
-        if share and ties == "item_id":
+        order = stats.get("same_time_order") or {}
+        if id_ordered(order):
+            out.append(
+                f"Warning ({dataset}): {share:.0%} of a user's consecutive events share their timestamp, and in "
+                f"{order['later_id_larger']:.0%} of those {order['pairs']:,} pairs the later item has the larger raw "
+                f"item id ({TIE_SOURCE.get(ties, f'ties: {ties}')}, {path}). That order comes from the source's "
+                "files or ids, not from the users, and a sequential model can learn it: "
+                + (
+                    "read this dataset's figures with that in mind."
+                    if ties is None
+                    else "rebuild the data with ties: shuffle."
+                )
+            )
+        elif share and ties == "item_id":
             out.append(
                 f"Warning ({dataset}): {share:.0%} of a user's consecutive events share their timestamp and are "
                 f"ordered by raw item id (ties: item_id, {path}). Inside such a run the next item always has the "
                 "larger raw id, which a sequential model can learn and no user behaviour explains; rebuild the "
                 "data with ties: shuffle."
             )
-        elif share and ties in TIE_RULES:
+        elif share and (ties in TIE_RULES or ties is None):
+            rule = f"{TIE_RULES[ties]} (ties: {ties})" if ties else "as the imported rows have them"
             out.append(
-                f"Note ({dataset}): {share:.0%} of a user's consecutive events share their timestamp; they are "
-                f"{TIE_RULES[ties]} (ties: {ties})."
+                f"Note ({dataset}): {share:.0%} of a user's consecutive events share their timestamp; they are {rule}."
             )
         if train_from == "valid":
             out.append(

@@ -34,6 +34,7 @@ from rere.data import (
     k_core,
     read_amazon,
     read_recbole,
+    same_time_order,
     same_time_share,
     split_temporal,
     unique_titles,
@@ -199,6 +200,9 @@ def test_recbole_leave_one_out_end_to_end(ml_data, tmp_path):
     assert stats["renamed_duplicate_titles"] == 2
     # Consecutive pairs: u1 (50,100) (100,100) (100,200), u2 (120,150), u3 (300,300): 2 of 5 tie.
     assert stats["ties"] == "shuffle" and stats["same_time_pairs"] == 0.4
+    # The two same-time pairs as written (seed 42): u1's 2 then 10 (numerically larger, not as
+    # text), u3's 2 then 3.
+    assert stats["same_time_order"] == {"share": 0.4, "pairs": 2, "later_id_larger": 1.0}
     assert yaml.safe_load((ml_data / "config.yaml").read_text())["datasets"]["ml"]["max_history"] == 2
 
 
@@ -283,6 +287,28 @@ def test_shuffled_ties_carry_no_item_order():
     assert 140 < sum(by42[u] != by43[u] for u in by42) < 260
     assert all(s[0][0] == "1000" for s in by42.values())  # the earlier event stays first
     assert same_time_share(by42) == 0.5
+
+
+def test_same_time_order_counts_distinct_pairs_by_raw_id():
+    """Pairs of overlapping windows count once; ids compare as numbers when both are integers
+    (9 < 10), else integers before text (10 < "B"); a pair with an empty raw id is skipped."""
+
+    def row(user, asins, times, target, t):
+        return {"user_id": user, "item_asins": asins, "history_timestamp": times, "item_asin": target, "timestamp": t}
+
+    splits = {
+        "train": [row("u", ["9", "10"], [5, 5], "B", 5)],  # 9 -> 10 larger, 10 -> B larger
+        "valid": [row("u", ["10", "B"], [5, 5], "A", 5)],  # 10 -> B again (once), B -> A smaller
+        "test": [row("v", ["", "7"], [3, 3], "3", 4)],  # "" -> 7 skipped, 7 -> 3 at another time
+    }
+    # 4 distinct pairs, 3 of them same-time, 2 of those 3 with the larger id later.
+    assert same_time_order(splits) == {"share": 0.75, "pairs": 3, "later_id_larger": 0.6667}
+    assert same_time_order({"test": [row("v", ["7"], [3], "3", 4)]}) == {
+        "share": 0.0,
+        "pairs": 0,
+        "later_id_larger": None,
+    }
+    assert same_time_order({"test": []}) == {"share": 0.0, "pairs": 0, "later_id_larger": None}
 
 
 @pytest.mark.parametrize(
@@ -536,6 +562,10 @@ def test_d3_round_trip_and_missing_train(ml_data, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     # Events seen in rows: u1's 4, u2's 2, u3's 2 (every rated item appears in some row).
     assert stats["users"] == 3 and stats["items"] == 5 and stats["interactions"] == 8 and stats["train_from"] == "train"
+    # Same-time order read back from the rows: what the recbole build measured on its sequences.
+    built = json.loads((ml_data / "stats.json").read_text())
+    assert stats["same_time_order"] == built["same_time_order"] == {"share": 0.4, "pairs": 2, "later_id_larger": 1.0}
+    assert stats["same_time_pairs"] == built["same_time_pairs"] == 0.4
 
     (folder / "train.csv").unlink()
     with pytest.raises(RereError, match="missing_train: use_valid"):

@@ -257,6 +257,28 @@ def test_header_says_how_same_time_events_were_ordered(tmp_path):
     assert "Note (tiny)" not in header({"ties": "item_id", "same_time_pairs": 0.0})  # no ties, nothing to say
     assert "Warning" not in header({"ties": "item_id", "same_time_pairs": 0.0})
 
+    # Measured order (stats.json's same_time_order): a D3 import (no `ties`) whose same-time
+    # pairs are 80% in raw id order, like the published Amazon splits.
+    text = header(
+        {"same_time_pairs": 0.55, "same_time_order": {"share": 0.55, "pairs": 5505, "later_id_larger": 0.809}}
+    )
+    assert (
+        "Warning (tiny): 55% of a user's consecutive events share their timestamp, and in 81% of those 5,505 "
+        "pairs the later item has the larger raw item id (as the imported rows have them" in text
+    )
+    assert "read this dataset's figures with that in mind" in text and "Note (tiny)" not in text
+    text = header({"ties": "file", "same_time_pairs": 0.55, "same_time_order": {"pairs": 5505, "later_id_larger": 0.2}})
+    assert "in 20% of those 5,505 pairs" in text and "(ties: file, the source file's order" in text
+    assert "rebuild the data with ties: shuffle" in text
+    # Near half: no warning, and a D3 import gets the note.
+    text = header({"same_time_pairs": 0.55, "same_time_order": {"pairs": 5505, "later_id_larger": 0.52}})
+    assert "Warning" not in text
+    assert (
+        "Note (tiny): 55% of a user's consecutive events share their timestamp; they are as the imported rows" in text
+    )
+    # Too few pairs to tell (120 at 65%: 3.3 standard errors from half).
+    assert "Warning" not in header({"same_time_pairs": 0.1, "same_time_order": {"pairs": 120, "later_id_larger": 0.65}})
+
 
 def test_groups_per_step_from_rollouts_else_the_runs_config(tmp_path):
     config = load_config([TINY])

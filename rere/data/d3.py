@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from rere import RereError
-from rere.data.splits import unique_titles
+from rere.data.splits import same_time_order, unique_titles
 from rere.io import SPLITS, clean_title, read_catalogue, read_split
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def import_d3(ds: dict) -> tuple[dict, list[dict], dict]:
             events.add((r["user_id"], r["item_asin"], r["timestamp"]))
             events.update((r["user_id"], a, t) for a, t in zip(r["item_asins"], r["history_timestamp"], strict=True))
     times = [e[2] for e in events]
+    order = same_time_order(splits)
     stats = {
         "users": len({r["user_id"] for rows in splits.values() for r in rows}),
         "items": len(items),
@@ -117,6 +118,9 @@ def import_d3(ds: dict) -> tuple[dict, list[dict], dict]:
         "train_from": train_from,
         "renamed_duplicate_titles": renamed,
         "items_without_asin": sum(1 for i in catalogue if i not in asin_of),
+        # Same-time events keep the order of the imported rows (`ties` does not apply here).
+        "same_time_pairs": order["share"],
+        "same_time_order": order,
         "interactions_note": "distinct (user, asin, timestamp) events in targets and histories",
     }
     return splits, items, stats
