@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from rere import RereError, stats
-from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config
+from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config, read_split
 from rere.machine import summary
 
 log = logging.getLogger(__name__)
@@ -858,17 +858,22 @@ TIE_SOURCE = {None: "as the imported rows have them", "file": "ties: file, the s
 
 
 def id_ordered(order: dict) -> bool:
-    """Whether stats.json's `same_time_order` shows same-time events in raw id order: among at
-    least 100 same-time pairs, the later item has the larger id in at most 40% or at least 60%,
-    and at least 4 standard errors from the 50% of an order that says nothing about the ids.
+    """Whether stats.json's `same_time_order` shows same-time events in raw id order: among the
+    same-time pairs, the later item has the larger id in at most 40% or at least 60%, and at
+    least 4 standard errors (of a binomial share) from the 50% of an order that says nothing
+    about the ids.
 
     >>> id_ordered({"pairs": 11799, "later_id_larger": 0.8}), id_ordered({"pairs": 49724, "later_id_larger": 0.501})
     (True, False)
-    >>> id_ordered({"pairs": 120, "later_id_larger": 0.65}), id_ordered({}), id_ordered({"pairs": 0, "later_id_larger": None})
+    >>> id_ordered({"pairs": 90, "later_id_larger": 0.95}), id_ordered({"pairs": 120, "later_id_larger": 0.65})
+    (True, False)
+    >>> id_ordered({"pairs": 50000, "later_id_larger": 0.55})  # 22 standard errors, but a tilt, not an order
+    False
+    >>> id_ordered({"pairs": 2, "later_id_larger": 1.0}), id_ordered({}), id_ordered({"pairs": 0, "later_id_larger": None})
     (False, False, False)
     """
     n, x = order.get("pairs") or 0, order.get("later_id_larger")
-    if n < 100 or x is None:
+    if not n or x is None:
         return False
     return abs(x - 0.5) >= 0.1 and abs(x - 0.5) * 2 * n**0.5 >= 4
 
@@ -923,6 +928,64 @@ def data_warnings(data: Path, config: dict) -> list[str]:
                 "data the model trained on."
             )
     return out
+
+
+def same_time_mask(path: Path, keys: list[tuple]) -> np.ndarray | None:
+    """Per evaluated row (`stats.row_keys` of its predictions): whether its target has the
+    timestamp of the row's last history item, read from the split file at `path`. None
+    without the file, or when a row is not in it or two rows with its key disagree.
+
+    Such rows are where same-time events sit (same second on MovieLens, same day on Amazon
+    reviews): often consumed together, in an order within the timestamp that the data's
+    ties rule, not the user, decided.
+    """
+    if not path.is_file():
+        return None
+    flag: dict[tuple, bool | None] = {}
+    for r in read_split(path):
+        key = (str(r["user_id"]), int(r["item_id"]), tuple(int(x) for x in r["history_item_id"]))
+        same = bool(r["history_timestamp"]) and int(r["timestamp"]) == int(r["history_timestamp"][-1])
+        if flag.setdefault(key, same) != same:
+            flag[key] = None
+    found = [flag.get((str(u), t, h)) for u, t, h in keys]
+    if any(f is None for f in found):
+        return None
+    return np.array(found, dtype=bool)
+
+
+def same_time_comparisons(
+    per_row: dict, runs: list[tuple[str, Any]], data: Path, split: str, metric: str, seed: int
+) -> tuple[list[dict], list[str]]:
+    """Every method against SFT on `metric`, separately on the rows whose target shares the
+    last history item's timestamp and on the others (paired, `stats.compare`), for each run
+    (dataset, seed) with an SFT and both kinds of rows. Returns the lines and notes."""
+    out, notes = [], []
+    for dataset, trained in runs:
+        sft = per_row.get((dataset, trained, "sft"))
+        if sft is None:
+            continue
+        path = data / dataset / f"{split}.csv"
+        mask = same_time_mask(path, sft[0])
+        if mask is None:
+            notes.append(f"{run_name(dataset, trained)}: no {path} matching the evaluated rows, no same-time split.")
+            continue
+        if mask.all() or not mask.any():
+            continue
+        for (d, t, method), (keys, values) in per_row.items():
+            if (d, t) != (dataset, trained) or method == "sft":
+                continue
+            stats.check_aligned(sft[0], keys, f"{run_name(d, t)}/sft", f"{run_name(d, t)}/{method}")
+            line = {"dataset": dataset, "seed": trained, "method": method, "reference": "sft", "metric": metric}
+            for part, m in (("same_time", mask), ("other", ~mask)):
+                c = stats.compare(sft[1][metric][m], values[metric][m], seed=seed)
+                line[part] = {
+                    **c,
+                    "rows": int(m.sum()),
+                    "value": float(values[metric][m].mean()),
+                    "reference_value": float(sft[1][metric][m].mean()),
+                }
+            out.append(line)
+    return out, notes
 
 
 def machines_line(rows: list[dict]) -> str:
@@ -1012,6 +1075,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         pooled_rows, pooled_per_row, pool_notes = pool_seeds(rows, per_row, config)
         pooled_tested, pooled_best = comparisons(pooled_rows, pooled_per_row, columns, seed)
         tested, best_of, notes = tested + pooled_tested, best_of | pooled_best, notes + pool_notes
+        per_row = per_row | pooled_per_row
 
     report = Report()
     report.heading("rere results", 1)
@@ -1108,6 +1172,39 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         )
     else:
         report.para("No SFT or baseline to compare with.")
+
+    split = config["evaluate"]["split"]
+    runs = list(dict.fromkeys((d, t) for d, t, _ in per_row))
+    if len(seeds_of(config)) > 1:
+        runs = [(d, t) for d, t in runs if t == POOLED]
+    by_time, time_notes = same_time_comparisons(per_row, runs, data, split, sel, seed)
+    notes += time_notes
+    if by_time:
+        report.heading("Rows whose target shares the last history item's timestamp")
+        first = {}
+        for c in by_time:
+            first.setdefault((c["dataset"], c["seed"]), c)
+        for (dataset, trained), c in first.items():
+            n_same, n_other = c["same_time"]["rows"], c["other"]["rows"]
+            report.para(
+                f"{run_name(dataset, trained)}: {n_same} of {n_same + n_other} {split} rows "
+                f"({n_same / (n_same + n_other):.0%}) have a target with the timestamp of the row's last history "
+                "item (the same second on MovieLens, the same day on Amazon reviews): such events are often "
+                "consumed together, and their order within the timestamp is the data's (header), not the user's. "
+                f"Each method against SFT on {sel.upper()}, on those rows and on the others, paired."
+            )
+        report.table(
+            ["dataset", *(["seed"] if seeded else []), "method", "vs", f"same time: {sel.upper()}",
+             "difference [95% CI]", "verdict", f"other rows: {sel.upper()}", "difference [95% CI]", "verdict"],
+            [
+                [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"], c["reference"],
+                 f"{_fmt(c['same_time']['value'])} vs {_fmt(c['same_time']['reference_value'])}",
+                 _diff_ci(c["same_time"]), _verdict(c["same_time"]),
+                 f"{_fmt(c['other']['value'])} vs {_fmt(c['other']['reference_value'])}",
+                 _diff_ci(c["other"]), _verdict(c["other"])]
+                for c in by_time
+            ],
+        )  # fmt: skip
 
     bench = read_benchmarks(benchmarks)
     with atomic_path(out / "figures") as fig_dir:
@@ -1231,6 +1328,7 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         "comparisons": tested,
         "best_baseline": best_of,
         "seeds": spread,
+        "same_time": by_time,
         "benchmarks": bench,
         "notes": notes,
     }

@@ -13,6 +13,7 @@ import rere.report
 from rere import RereError
 from rere.cli import main
 from rere.config import load_config
+from rere.io import write_split
 from rere.metrics import write_results
 from rere.report import build, curve, read_benchmarks, rl_signal
 
@@ -280,6 +281,60 @@ def test_header_says_how_same_time_events_were_ordered(tmp_path):
     assert "Warning" not in header({"same_time_pairs": 0.1, "same_time_order": {"pairs": 120, "later_id_larger": 0.65}})
 
 
+def _split_rows(same_time: set[int]) -> list[dict]:
+    """ROWS as a D3 test split: row i's target at time 50 + i, its history item at 50 + i
+    when i is in `same_time`, else at 10."""
+    return [
+        {"user_id": r["user_id"], "item_asins": [str(r["user_id"])], "item_asin": str(r["item_id"]),
+         "history_item_id": r["history_item_id"], "item_id": r["item_id"], "history_item_title": ["h"],
+         "item_title": "t", "history_rating": [5.0], "rating": 5.0,
+         "history_timestamp": [50 + i if i in same_time else 10], "timestamp": 50 + i}
+        for i, r in enumerate(ROWS)
+    ]  # fmt: skip
+
+
+def test_methods_against_sft_on_same_time_rows_and_the_others(tmp_path):
+    make_run(tmp_path, with_rl_log=False, with_bench=False)
+    split = tmp_path / "data" / "tiny" / "test.csv"
+    split.parent.mkdir(parents=True)
+    write_split(split, _split_rows(set(range(10))))  # rows 0-9: the target shares the history item's time
+    config = load_config([TINY])
+
+    def run():
+        found = build(config, tmp_path / "results", tmp_path / "m", tmp_path / "b", tmp_path / "out")
+        return {c["method"]: c for c in found["same_time"]}, (tmp_path / "out" / "report.md").read_text()
+
+    by, md = run()
+    assert sorted(by) == ["pop", "rere", "sasrec"]  # every method with predictions, against SFT
+    r = by["rere"]
+    # NDCG@5 (the selection metric). Rows 0-9: rere rank 1 (1.0), sft rank 2 (1/log2(3) = 0.63093).
+    assert r["same_time"]["rows"] == 10 and r["other"]["rows"] == 20
+    assert r["same_time"]["value"] == pytest.approx(1.0)
+    assert r["same_time"]["reference_value"] == pytest.approx(1 / math.log2(3))
+    assert r["same_time"]["diff"] == pytest.approx(1 - 1 / math.log2(3))
+    assert r["same_time"]["p"] == pytest.approx(2 / 2**10) and r["same_time"]["verdict"] == "higher"
+    # Rows 10-29: rere 5 x 1.0 + 15 x 0.63093, sft 5 x 0.63093 + 15 x 0.
+    assert r["other"]["value"] == pytest.approx((5 + 15 / math.log2(3)) / 20)
+    assert r["other"]["reference_value"] == pytest.approx(5 / math.log2(3) / 20)
+    # sasrec: rank 3 (0.5) on rows 0-19, below SFT on every same-time row
+    assert by["sasrec"]["same_time"]["diff"] == pytest.approx(0.5 - 1 / math.log2(3))
+    assert by["sasrec"]["same_time"]["verdict"] == "lower"
+    assert by["pop"]["same_time"]["diff"] == 0 and by["pop"]["other"]["verdict"] == "no difference"
+    assert "tiny: 10 of 30 test rows (33%) have a target with the timestamp of the row's last history item" in md
+    assert "| tiny | rere | sft | 1.0000 vs 0.6309 | +0.3691 [+0.3691, +0.3691] | higher * | 0.7232 vs 0.1577 |" in md
+
+    write_split(split, _split_rows(set(range(30))))  # every row same-time: nothing to split
+    by, md = run()
+    assert by == {} and "Rows whose target shares" not in md
+    write_split(split, _split_rows(set()))  # no row same-time
+    assert run()[0] == {}
+    write_split(split, _split_rows({1})[1:])  # row 0 missing from the split: a note, no table
+    by, md = run()
+    assert by == {} and f"tiny: no {split} matching the evaluated rows, no same-time split." in md
+    split.unlink()
+    assert run()[0] == {}
+
+
 def test_groups_per_step_from_rollouts_else_the_runs_config(tmp_path):
     config = load_config([TINY])
     log = [{"step": 1, "frac_reward_zero_std": 2 / 3}, {"step": 2, "frac_reward_zero_std": 1 / 3}]
@@ -366,6 +421,9 @@ def make_seeded_run(root: Path, rows=None) -> None:
 
 def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(tmp_path):
     make_seeded_run(tmp_path)
+    split = tmp_path / "data" / "tiny" / "test.csv"
+    split.parent.mkdir(parents=True)
+    write_split(split, _split_rows(set(range(10))))
     config = load_config([TINY], ["seeds=[1, 2]"])
     out = tmp_path / "out"
     found = build(config, tmp_path / "results", tmp_path / "models", tmp_path / "b", out)
@@ -437,7 +495,14 @@ def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(
     assert "tiny/pooled: rere - sft on NDCG@5 = +0.5155 [" in md and "| tiny | pooled | rere | sft | HR@5 |" in md
     assert "| tiny | 2 | rere | 1 | 2 | 1 | 0.500 |" in md  # seed 2's RL log (2 groups per step), in its folder
     assert "tiny/seed-1/rere: no " in md and "tiny/seed-2/sasrec: no " in md  # missing pieces, per seed
-    assert "other rows" not in md  # every seed evaluated the same rows
+    assert "evaluated on other rows than" not in md  # every seed evaluated the same rows
+    # Same-time rows (0-9) vs the others: only the pooled seeds, methods with every seed. Pooled
+    # NDCG@5 on rows 0-9: sft 1 on rows 0-5 and 0.5 on 6-9 (0.8), rere (1 + 1 / log2(3)) / 2.
+    assert [(c["seed"], c["method"]) for c in found["same_time"]] == [("pooled", "rere"), ("pooled", "pop")]
+    rere_same = found["same_time"][0]["same_time"]
+    assert rere_same["reference_value"] == pytest.approx(0.8)
+    assert rere_same["value"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert "tiny/pooled: 10 of 30 test rows (33%) have a target" in md
     assert (out / "figures" / "ndcg_tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert "(mean, min-max bars)" in md
 
