@@ -22,6 +22,8 @@ include: "workflow/rules/common.smk"
 CONFIG_FILES = config_files()
 CONFIG_OVERRIDES = config_overrides()
 CONFIG_ARGS = rere_config_args(CONFIG_FILES, CONFIG_OVERRIDES)
+# What the stage jobs get: the same, less `seeds` (see stage_overrides).
+STAGE_ARGS = rere_config_args(CONFIG_FILES, stage_overrides(CONFIG_OVERRIDES))
 config.clear()
 config.update(workflow_config(CONFIG_FILES, CONFIG_OVERRIDES))
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -171,17 +171,20 @@ def test_seeds_give_one_branch_per_seed_on_data_and_index_built_once(workdir):
         assert all(path.startswith(("models/tiny/", "results/tiny/")) for path in job["output"])
         assert all(f"/tiny/seed-{seed}/" in path for path in job["output"]), job
         assert all(p in shared or f"/tiny/seed-{seed}/" in p for p in job["input"]), job  # its own seed's model
-        assert f"--config tests/config/tiny.yaml --set 'seeds=[1, 2]' --set seed={seed} " in job["shell"], job
+        assert f"--config tests/config/tiny.yaml --set seed={seed} " in job["shell"], job
         assert re.search(rf"> logs/{job['rule']}/tiny/seed-{seed}[/.]", job["shell"]), job["shell"]
     sft = {j["output"][0]: j for j in jobs if j["rule"] == "sft"}
     assert command(sft["models/tiny/seed-2/sft"]["shell"]) == (
-        "rere sft --config tests/config/tiny.yaml --set 'seeds=[1, 2]' --set seed=2 --data data/tiny"
+        "rere sft --config tests/config/tiny.yaml --set seed=2 --data data/tiny"
         " --index index/tiny --model models/tiny/seed-2/base --out models/tiny/seed-2/sft"
     )
     assert {j["output"][0] for j in jobs if j["rule"] == "rl"} == {
         f"models/tiny/seed-{s}/{v}" for s in (1, 2) for v in ("rere", "grpo")
     }
     (report,) = [j for j in jobs if j["rule"] == "report"]
+    # the list reaches the report only: no stage's command (Snakemake's params) depends on it
+    assert all("seeds=" not in j["shell"] for j in jobs if j is not report)
+    assert "--set 'seeds=[1, 2]'" in report["shell"]
     methods = ["sft", "rere", "grpo", "pop", "sasrec"]
     assert set(report["input"]) == {
         *(f"results/tiny/seed-{s}/{m}/metrics.json" for s in (1, 2) for m in methods),
@@ -195,7 +198,8 @@ def test_seeds_give_one_branch_per_seed_on_data_and_index_built_once(workdir):
 @pytest.mark.slow
 def test_a_seeds_job_records_its_seed_and_evaluates_the_datas_rows(tmp_path):
     """data and the pop baseline of two seeds for real, on a subsample: each job's resolved
-    config says its seed, the data's says `seed`, and both seeds ranked the same rows."""
+    config says its seed, the data's says `seed`, and both seeds ranked the same rows. A third
+    seed added afterwards runs that seed's job only, not data and the finished seeds again."""
     work = copy_workflow(tmp_path)
     targets = [f"results/tiny/seed-{s}/pop/metrics.json" for s in (1, 2)]
     proc = snakemake(
@@ -209,11 +213,19 @@ def test_a_seeds_job_records_its_seed_and_evaluates_the_datas_rows(tmp_path):
     for s in (1, 2):
         folder = work / f"results/tiny/seed-{s}/pop"
         resolved = yaml.safe_load((folder / "config.yaml").read_text())
-        assert (resolved["seed"], resolved["seeds"]) == (s, [1, 2])
+        assert (resolved["seed"], resolved["seeds"]) == (s, None)
         users[s] = [json.loads(line)["user_id"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert len(users[1]) == 10 and users[1] == users[2]
     assert (work / "logs/baseline/tiny/seed-2/pop.log").is_file()
     assert (work / "benchmarks/baseline/tiny/seed-1/pop.tsv").is_file()
+
+    more = snakemake(
+        "--dry-run", "--cores", "1", *targets, "results/tiny/seed-3/pop/metrics.json",
+        "--configfile", "tests/config/tiny.yaml", "--config", "seeds=[1, 2, 3]", "evaluate={max_rows: 10}", cwd=work,
+    )  # fmt: skip
+    assert more.returncode == 0, more.stderr[-3000:]
+    planned = re.findall(r"^    output: (.*)$", more.stdout + more.stderr, flags=re.M)
+    assert planned == ["results/tiny/seed-3/pop/metrics.json, results/tiny/seed-3/pop/predictions.jsonl"], planned
 
 
 def test_config_override_typo_fails_naming_the_key(workdir):

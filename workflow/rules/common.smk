@@ -70,6 +70,15 @@ def workflow_config(files, overrides):
         fail(f"{exc}{given}")
 
 
+def stage_overrides(overrides):
+    """The overrides a stage job is given: all but `seeds`. The list shapes only the DAG (a
+    branch per seed, each job with `--set seed=S`) and the report, so no stage command depends
+    on it: adding a seed to `--config seeds=[...]` then runs that seed's jobs and the report,
+    and Snakemake's params trigger does not run data, index and the finished seeds again.
+    """
+    return [item for item in overrides if not item.startswith("seeds=")]
+
+
 def rere_config_args(files, overrides):
     """`--config F ... --set K=V ...`, shell-quoted (a path or value may hold spaces)."""
     args = [arg for f in files for arg in ("--config", f)]
@@ -96,12 +105,12 @@ def each_seed(pattern, **wildcards):
 
 
 def seed_config_args(wildcards):
-    """CONFIG_ARGS, and for a job of seed S `--set seed=S` after them (the last --set of a
+    """STAGE_ARGS, and for a job of seed S `--set seed=S` after them (the last --set of a
     key wins), so the stage trains with S and its resolved config.yaml records S."""
     seed = getattr(wildcards, "seed", None)
     if seed is None:
-        return CONFIG_ARGS
-    return f"{CONFIG_ARGS} {shlex.join(['--set', f'seed={seed}'])}"
+        return STAGE_ARGS
+    return f"{STAGE_ARGS} {shlex.join(['--set', f'seed={seed}'])}"
 
 
 def launcher(launch, stage):

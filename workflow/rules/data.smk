@@ -12,7 +12,7 @@ rule data:
         mem_mb=2000,
         runtime=30,
     params:
-        config=CONFIG_ARGS,
+        config=STAGE_ARGS,
         settings=lambda wildcards: config["datasets"][wildcards.dataset],
     shell:
         "rere data {params.config} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

@@ -14,7 +14,7 @@ rule index:
         mem_mb=2000,
         runtime=30,
     params:
-        config=CONFIG_ARGS,
+        config=STAGE_ARGS,
         out=subpath(output[0], parent=True),
         settings=config["index"],
     shell:
