@@ -1174,20 +1174,20 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
         report.para("No SFT or baseline to compare with.")
 
     split = config["evaluate"]["split"]
+    # every run, each seed's and the seeds pooled: a pooled gain may sit in some seeds only
     runs = list(dict.fromkeys((d, t) for d, t, _ in per_row))
-    if len(seeds_of(config)) > 1:
-        runs = [(d, t) for d, t in runs if t == POOLED]
     by_time, time_notes = same_time_comparisons(per_row, runs, data, split, sel, seed)
     notes += time_notes
     if by_time:
         report.heading("Rows whose target shares the last history item's timestamp")
-        first = {}
+        counted: dict[tuple, list[str]] = {}  # one paragraph for the runs with the same rows
         for c in by_time:
-            first.setdefault((c["dataset"], c["seed"]), c)
-        for (dataset, trained), c in first.items():
-            n_same, n_other = c["same_time"]["rows"], c["other"]["rows"]
+            names = counted.setdefault((c["dataset"], c["same_time"]["rows"], c["other"]["rows"]), [])
+            if run_name(c["dataset"], c["seed"]) not in names:
+                names.append(run_name(c["dataset"], c["seed"]))
+        for (_, n_same, n_other), names in counted.items():
             report.para(
-                f"{run_name(dataset, trained)}: {n_same} of {n_same + n_other} {split} rows "
+                f"{', '.join(names)}: {n_same} of {n_same + n_other} {split} rows "
                 f"({n_same / (n_same + n_other):.0%}) have a target with the timestamp of the row's last history "
                 "item (the same second on MovieLens, the same day on Amazon reviews): such events are often "
                 "consumed together, and their order within the timestamp is the data's (header), not the user's. "

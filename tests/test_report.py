@@ -496,13 +496,25 @@ def test_seeds_give_a_row_per_seed_comparisons_within_seeds_and_mean_and_spread(
     assert "| tiny | 2 | rere | 1 | 2 | 1 | 0.500 |" in md  # seed 2's RL log (2 groups per step), in its folder
     assert "tiny/seed-1/rere: no " in md and "tiny/seed-2/sasrec: no " in md  # missing pieces, per seed
     assert "evaluated on other rows than" not in md  # every seed evaluated the same rows
-    # Same-time rows (0-9) vs the others: only the pooled seeds, methods with every seed. Pooled
-    # NDCG@5 on rows 0-9: sft 1 on rows 0-5 and 0.5 on 6-9 (0.8), rere (1 + 1 / log2(3)) / 2.
-    assert [(c["seed"], c["method"]) for c in found["same_time"]] == [("pooled", "rere"), ("pooled", "pop")]
-    rere_same = found["same_time"][0]["same_time"]
-    assert rere_same["reference_value"] == pytest.approx(0.8)
-    assert rere_same["value"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
-    assert "tiny/pooled: 10 of 30 test rows (33%) have a target" in md
+    # Same-time rows (0-9) vs the others: each seed's methods, and the pooled seeds (methods with
+    # every seed). NDCG@5, rere - sft: seed 1, same time 1 - 0.6 (sft's hits are rows 0-5), other
+    # rows 1 - 0; seed 2, rere at rank 2 everywhere (1 / log2(3)), sft 1 on rows 0-9 and 0.1 on the
+    # others (rows 10 and 11 of 20), so lower on the same-time rows and higher on the others;
+    # pooled, same time: sft 1 on rows 0-5 and 0.5 on 6-9 (0.8), rere (1 + 1 / log2(3)) / 2.
+    assert [(c["seed"], c["method"]) for c in found["same_time"]] == [
+        (1, "rere"), (1, "pop"), (1, "sasrec"), (2, "rere"), (2, "pop"), ("pooled", "rere"), ("pooled", "pop")
+    ]  # fmt: skip
+    rere_by_seed = {c["seed"]: c for c in found["same_time"] if c["method"] == "rere"}
+    one, two, pooled_same = rere_by_seed[1], rere_by_seed[2], rere_by_seed["pooled"]["same_time"]
+    assert (one["same_time"]["diff"], one["other"]["diff"]) == pytest.approx((0.4, 1.0))
+    assert (two["same_time"]["diff"], two["other"]["diff"]) == pytest.approx(
+        (1 / math.log2(3) - 1, 1 / math.log2(3) - 0.1)
+    )
+    assert (two["same_time"]["verdict"], two["other"]["verdict"]) == ("lower", "higher")
+    assert pooled_same["reference_value"] == pytest.approx(0.8)
+    assert pooled_same["value"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert "tiny/seed-1, tiny/seed-2, tiny/pooled: 10 of 30 test rows (33%) have a target" in md
+    assert "| tiny | 2 | rere | sft | 0.6309 vs 1.0000 |" in md
     assert (out / "figures" / "ndcg_tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert "(mean, min-max bars)" in md
 
