@@ -52,7 +52,7 @@ def build(name: str, config: dict, download_dir: Path) -> tuple[dict, list[dict]
     ds = dataset_config(config, name)
     source = ds["source"]
     if source == "d3":
-        return import_d3(ds)
+        return import_d3(ds, config["seed"])
     if source == "amazon":
         base = ds["base_url"].rstrip("/")
         cat = ds["category"]
