@@ -40,6 +40,7 @@ from rere.data import (
     unique_titles,
     user_sequences,
 )
+from rere.data.splits import tie_key
 from rere.io import read_catalogue, read_jsonl, read_split
 
 # ----------------------------------------------------------------- MovieLens-like fixture
@@ -574,6 +575,63 @@ def test_d3_round_trip_and_missing_train(ml_data, tmp_path):
     assert _run(_d3_config(tmp_path, folder, missing_train="use_valid"), "d3", out2, tmp_path / "dl") == 0
     assert (out2 / "train.csv").read_text() == (ml_data / "valid.csv").read_text()
     assert json.loads((out2 / "stats.json").read_text())["train_from"] == "valid"
+
+
+def _same_day_d3(folder: Path) -> None:
+    """User u: a0 on day 1, a1 a2 a3 on day 2, a4 on day 5; histories of at most 2 items, one
+    row per target over the three files. User v's second row does not follow from its first."""
+    folder.mkdir()
+    (folder / "info.txt").write_text("".join(f"T{i}\t{i}\n" for i in range(5)))
+    header = "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,rating,history_timestamp,timestamp\n"
+    day = {0: 1, 1: 2, 2: 2, 3: 2, 4: 5}
+
+    def row(user, hist, target):
+        return (
+            f'{user},"{[f"a{i}" for i in hist]}",a{target},"{hist}",{target},"{[f"T{i}" for i in hist]}",T{target},'
+            f'"{[5.0] * len(hist)}",5.0,"{[day[i] for i in hist]}",{day[target]}\n'
+        )
+
+    (folder / "train.csv").write_text(header + row("u", [0], 1) + row("v", [0], 1))
+    (folder / "valid.csv").write_text(header + row("u", [0, 1], 2) + row("v", [4], 2))
+    (folder / "test.csv").write_text(header + row("u", [1, 2], 3) + row("u", [2, 3], 4))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_d3_ties_shuffle_reorders_same_day_events_and_rewrites_each_row(tmp_path, seed):
+    folder = tmp_path / "d3"
+    _same_day_d3(folder)
+    kept_splits, _, kept_stats = build("d3", load_config([_d3_config(tmp_path, folder)]), tmp_path / "dl")
+    assert kept_stats["d3_ties"] == "keep" and "d3_ties_shuffle" not in kept_stats
+    config = _d3_config(tmp_path, folder, d3_ties="shuffle")
+    splits, _, stats = build("d3", load_config([config], [f"seed={seed}"]), tmp_path / "dl")
+    # u's day-2 events in the order of their seeded keys, then every row at its position
+    day2 = sorted(["a1", "a2", "a3"], key=lambda a: tie_key(seed, "u", a))
+    seq = ["a0", *day2, "a4"]
+    u_rows = [r for s in ("train", "valid", "test") for r in splits[s] if r["user_id"] == "u"]
+    assert _brief(u_rows) == [("u", seq[max(0, p - 2) : p], seq[p]) for p in range(1, 5)]
+    assert [r["history_item_id"] for r in u_rows] == [[int(a[1:]) for a in seq[max(0, p - 2) : p]] for p in range(1, 5)]
+    assert [r["history_timestamp"] for r in u_rows] == [[1], [1, 2], [2, 2], [2, 2]]  # times stay in place
+    assert [r["timestamp"] for r in u_rows] == [2, 2, 2, 5] and [r["item_title"] for r in u_rows][-1] == "T4"
+    v_rows = [r for s in ("train", "valid", "test") for r in splits[s] if r["user_id"] == "v"]
+    assert _brief(v_rows) == [("v", ["a0"], "a1"), ("v", ["a4"], "a2")]  # not one chain: as imported
+    moved = sum(a != b for a, b in zip(seq[1:4], ["a1", "a2", "a3"], strict=True))
+    assert stats["d3_ties"] == "shuffle"
+    assert stats["d3_ties_shuffle"] == {"users_reordered": 1, "users_kept": 1, "rows_with_new_target": moved}
+    assert _brief(kept_splits["test"]) == [("u", ["a1", "a2"], "a3"), ("u", ["a2", "a3"], "a4")]
+
+
+def test_d3_ties_shuffle_changes_the_order_with_the_seed(tmp_path):
+    folder = tmp_path / "d3"
+    _same_day_d3(folder)
+    config = _d3_config(tmp_path, folder, d3_ties="shuffle", missing_train="use_valid")
+    (folder / "train.csv").unlink()
+    orders = set()
+    for seed in range(6):
+        splits, _, stats = build("d3", load_config([config], [f"seed={seed}"]), tmp_path / "dl")
+        assert splits["train"] == splits["valid"]  # the copy of valid, reordered with it
+        assert stats["d3_ties_shuffle"]["users_reordered"] == 2  # v's two rows now chain: valid has one
+        orders.add(tuple(r["item_asin"] for r in splits["test"]))
+    assert len(orders) > 1  # some seeds put other day-2 events last
 
 
 def _tiny_d3(folder: Path) -> None:
