@@ -890,11 +890,13 @@ def data_warnings(data: Path, config: dict) -> list[str]:
         train_from = stats.get("train_from")
         ties, share = stats.get("ties"), stats.get("same_time_pairs")
         order = stats.get("same_time_order") or {}
+        # a D3 import (no `ties`): its rows' order, or the seeded one of d3_ties: shuffle
+        imported = "in a seeded order (d3_ties: shuffle)" if stats.get("d3_ties") == "shuffle" else TIE_SOURCE[None]
         if id_ordered(order):
             out.append(
                 f"Warning ({dataset}): {share:.0%} of a user's consecutive events share their timestamp, and in "
                 f"{order['later_id_larger']:.0%} of those {order['pairs']:,} pairs the later item has the larger raw "
-                f"item id ({TIE_SOURCE.get(ties, f'ties: {ties}')}, {path}). That order comes from the source's "
+                f"item id ({imported if ties is None else TIE_SOURCE.get(ties, f'ties: {ties}')}, {path}). That order comes from the source's "
                 "files or ids, not from the users, and a sequential model can learn it: "
                 + (
                     "read this dataset's figures with that in mind."
@@ -910,7 +912,7 @@ def data_warnings(data: Path, config: dict) -> list[str]:
                 "data with ties: shuffle."
             )
         elif share and (ties in TIE_RULES or ties is None):
-            rule = f"{TIE_RULES[ties]} (ties: {ties})" if ties else "as the imported rows have them"
+            rule = f"{TIE_RULES[ties]} (ties: {ties})" if ties else imported
             out.append(
                 f"Note ({dataset}): {share:.0%} of a user's consecutive events share their timestamp; they are {rule}."
             )

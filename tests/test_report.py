@@ -277,6 +277,11 @@ def test_header_says_how_same_time_events_were_ordered(tmp_path):
     assert (
         "Note (tiny): 55% of a user's consecutive events share their timestamp; they are as the imported rows" in text
     )
+    # A D3 import reordered with d3_ties: shuffle says so.
+    text = header(
+        {"d3_ties": "shuffle", "same_time_pairs": 0.55, "same_time_order": {"pairs": 5505, "later_id_larger": 0.46}}
+    )
+    assert "share their timestamp; they are in a seeded order (d3_ties: shuffle)." in text and "Warning" not in text
     # Too few pairs to tell (120 at 65%: 3.3 standard errors from half).
     assert "Warning" not in header({"same_time_pairs": 0.1, "same_time_order": {"pairs": 120, "later_id_larger": 0.65}})
 
