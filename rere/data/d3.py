@@ -14,9 +14,10 @@ of `ties: shuffle` (`rere.data.splits.tie_key`) instead of the files' (on the pu
 split, 80% of same-day pairs follow ASIN order: the order of the files the split was sorted
 from). Each user's sequence is rebuilt from their rows (train, valid, test, in file order: the
 first row's history, then every row's target); every row is written again at its position,
-with the target and the at most `max_history` items before it in the new order, so a row keeps
-its split and its target's timestamp. A user whose rows do not chain (a history that is not
-the items before its target) keeps the rows as imported, counted in stats.json.
+with the target and the items before it in the new order (as many as the longest imported
+history holds, D3's 10), so a row keeps its split and its target's timestamp. A user whose
+rows do not chain (a history that is not the items before its target) keeps the rows as
+imported, counted in stats.json.
 """
 
 from __future__ import annotations
