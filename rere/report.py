@@ -854,7 +854,7 @@ def report_across_seeds(report: Report, spread: list[dict], shown: list[str]) ->
 
 
 TIE_RULES = {"shuffle": "in a seeded order", "file": "in the source file's order"}
-TIE_SOURCE = {None: "as the imported rows have them", "file": "ties: file, the source file's order"}
+TIE_SOURCE = {"file": "ties: file, the source file's order"}
 
 
 def id_ordered(order: dict) -> bool:
@@ -891,7 +891,11 @@ def data_warnings(data: Path, config: dict) -> list[str]:
         ties, share = stats.get("ties"), stats.get("same_time_pairs")
         order = stats.get("same_time_order") or {}
         # a D3 import (no `ties`): its rows' order, or the seeded one of d3_ties: shuffle
-        imported = "in a seeded order (d3_ties: shuffle)" if stats.get("d3_ties") == "shuffle" else TIE_SOURCE[None]
+        imported = (
+            "in a seeded order (d3_ties: shuffle)"
+            if stats.get("d3_ties") == "shuffle"
+            else "as the imported rows have them"
+        )
         if id_ordered(order):
             out.append(
                 f"Warning ({dataset}): {share:.0%} of a user's consecutive events share their timestamp, and in "
@@ -932,10 +936,10 @@ def data_warnings(data: Path, config: dict) -> list[str]:
     return out
 
 
-def same_time_mask(path: Path, keys: list[tuple]) -> np.ndarray | None:
-    """Per evaluated row (`stats.row_keys` of its predictions): whether its target has the
-    timestamp of the row's last history item, read from the split file at `path`. None
-    without the file, or when a row is not in it or two rows with its key disagree.
+def same_time_flags(path: Path) -> dict[tuple, bool | None] | None:
+    """Per row key of the split file at `path` (user, target, history): whether the target has
+    the timestamp of the row's last history item (None when two rows with the key disagree);
+    None without the file.
 
     Such rows are where same-time events sit (same second on MovieLens, same day on Amazon
     reviews): often consumed together, in an order within the timestamp that the data's
@@ -949,7 +953,15 @@ def same_time_mask(path: Path, keys: list[tuple]) -> np.ndarray | None:
         same = bool(r["history_timestamp"]) and int(r["timestamp"]) == int(r["history_timestamp"][-1])
         if flag.setdefault(key, same) != same:
             flag[key] = None
-    found = [flag.get((str(u), t, h)) for u, t, h in keys]
+    return flag
+
+
+def same_time_mask(flags: dict[tuple, bool | None] | None, keys: list[tuple]) -> np.ndarray | None:
+    """Per evaluated row (`stats.row_keys` of its predictions): its `same_time_flags`. None
+    without the split file, or when a row is not in it or is ambiguous."""
+    if flags is None:
+        return None
+    found = [flags.get((str(u), t, h)) for u, t, h in keys]
     if any(f is None for f in found):
         return None
     return np.array(found, dtype=bool)
@@ -961,13 +973,15 @@ def same_time_comparisons(
     """Every method against SFT on `metric`, separately on the rows whose target shares the
     last history item's timestamp and on the others (paired, `stats.compare`), for each run
     (dataset, seed) with an SFT and both kinds of rows. Returns the lines and notes."""
-    out, notes = [], []
+    out, notes, flags = [], [], {}
     for dataset, trained in runs:
         sft = per_row.get((dataset, trained, "sft"))
         if sft is None:
             continue
         path = data / dataset / f"{split}.csv"
-        mask = same_time_mask(path, sft[0])
+        if dataset not in flags:  # one read of the split per dataset, for all its seeds
+            flags[dataset] = same_time_flags(path)
+        mask = same_time_mask(flags[dataset], sft[0])
         if mask is None:
             notes.append(f"{run_name(dataset, trained)}: no {path} matching the evaluated rows, no same-time split.")
             continue
