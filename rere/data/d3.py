@@ -48,6 +48,7 @@ def _read_d3_catalogue(path: Path) -> dict[int, str]:
 
 _EVENT = ("item_asins", "history_item_id", "history_item_title", "history_rating", "history_timestamp")
 _TARGET = ("item_asin", "item_id", "item_title", "rating", "timestamp")
+_TIME = 4  # the timestamp's place in an event of either tuple
 
 
 def _history(row: dict) -> list[tuple]:
@@ -91,7 +92,7 @@ def shuffle_same_time(splits: dict[str, list[dict]], seed: int) -> tuple[int, in
                 keys.append(tie_key(seed, str(user), asin if n == 0 else f"{asin}#{n}"))
             new, start = [], 0
             for end in range(1, len(seq) + 1):  # runs of equal consecutive timestamps
-                if end == len(seq) or seq[end][4] != seq[start][4]:
+                if end == len(seq) or seq[end][_TIME] != seq[start][_TIME]:
                     new += [seq[k] for k in sorted(range(start, end), key=keys.__getitem__)]
                     start = end
             for row, p in zip(rows, positions, strict=True):
@@ -167,7 +168,7 @@ def import_d3(ds: dict, seed: int = 0) -> tuple[dict, list[dict], dict]:
     ]
 
     shuffled = None
-    if ds.get("d3_ties", "keep") == "shuffle":
+    if ds["d3_ties"] == "shuffle":
         own = {s: splits[s] for s in SPLITS if s != "train" or train_from == "train"}
         reordered, kept, moved = shuffle_same_time(own, seed)
         if train_from == "valid":
@@ -196,7 +197,7 @@ def import_d3(ds: dict, seed: int = 0) -> tuple[dict, list[dict], dict]:
         "renamed_duplicate_titles": renamed,
         "items_without_asin": sum(1 for i in catalogue if i not in asin_of),
         # Same-time events keep the imported rows' order unless d3_ties: shuffle (`ties` does not apply).
-        "d3_ties": ds.get("d3_ties", "keep"),
+        "d3_ties": ds["d3_ties"],
         **({"d3_ties_shuffle": shuffled} if shuffled else {}),
         "same_time_pairs": order["share"],
         "same_time_order": order,
