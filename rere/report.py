@@ -38,7 +38,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from rere import RereError, stats
+from rere.data.corpus import num_key
 from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config, read_split
 from rere.machine import summary
 
@@ -936,35 +937,45 @@ def data_warnings(data: Path, config: dict) -> list[str]:
     return out
 
 
-def same_time_flags(path: Path) -> dict[tuple, bool | None] | None:
-    """Per row key of the split file at `path` (user, target, history): whether the target has
-    the timestamp of the row's last history item (None when two rows with the key disagree);
-    None without the file.
+def same_time_flags(path: Path) -> dict[tuple, tuple[bool, bool | None] | None] | None:
+    """Per row key of the split file at `path` (user, target, history): `(same, larger)`, whether
+    the target has the timestamp of the row's last history item, and whether the target's raw id
+    is larger than that item's (`num_key`, as stats.json's `same_time_order` counts it; None
+    without both raw ids). None for a key whose rows disagree; None without the file.
 
-    Such rows are where same-time events sit (same second on MovieLens, same day on Amazon
-    reviews): often consumed together, in an order within the timestamp that the data's
-    ties rule, not the user, decided.
+    Same-time rows are where same-time events sit (same second on MovieLens, same day on Amazon
+    reviews): often consumed together, in an order within the timestamp that the data's ties
+    rule, not the user, decided; when that rule is the source's id order, `larger` is what a
+    model can learn from it.
     """
     if not path.is_file():
         return None
-    flag: dict[tuple, bool | None] = {}
+    flag: dict[tuple, tuple[bool, bool | None] | None] = {}
     for r in read_split(path):
         key = (str(r["user_id"]), int(r["item_id"]), tuple(int(x) for x in r["history_item_id"]))
         same = bool(r["history_timestamp"]) and int(r["timestamp"]) == int(r["history_timestamp"][-1])
-        if flag.setdefault(key, same) != same:
+        last, target = (str(r["item_asins"][-1]) if r["item_asins"] else ""), str(r["item_asin"])
+        larger = num_key(target) > num_key(last) if last and target else None
+        if flag.setdefault(key, (same, larger)) != (same, larger):
             flag[key] = None
     return flag
 
 
-def same_time_mask(flags: dict[tuple, bool | None] | None, keys: list[tuple]) -> np.ndarray | None:
-    """Per evaluated row (`stats.row_keys` of its predictions): its `same_time_flags`. None
+def same_time_mask(
+    flags: dict[tuple, tuple[bool, bool | None] | None] | None, keys: list[tuple]
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Per evaluated row (`stats.row_keys` of its predictions): its `same_time_flags` as two
+    masks, same time and target raw id larger (None when a same-time row has no raw ids). None
     without the split file, or when a row is not in it or is ambiguous."""
     if flags is None:
         return None
     found = [flags.get((str(u), t, h)) for u, t, h in keys]
     if any(f is None for f in found):
         return None
-    return np.array(found, dtype=bool)
+    same = np.array([f[0] for f in found], dtype=bool)
+    if any(f[1] is None for f in found if f[0]):
+        return same, None
+    return same, np.array([bool(f[1]) for f in found], dtype=bool)
 
 
 def same_time_comparisons(
@@ -972,7 +983,9 @@ def same_time_comparisons(
 ) -> tuple[list[dict], list[str]]:
     """Every method against SFT on `metric`, separately on the rows whose target shares the
     last history item's timestamp and on the others (paired, `stats.compare`), for each run
-    (dataset, seed) with an SFT and both kinds of rows. Returns the lines and notes."""
+    (dataset, seed) with an SFT and both kinds of rows; where the split has raw ids, also on the
+    same-time rows split by whether the target's raw id is larger than the last history item's
+    (`id_larger`, `id_not_larger`). Returns the lines and notes."""
     out, notes, flags = [], [], {}
     for dataset, trained in runs:
         sft = per_row.get((dataset, trained, "sft"))
@@ -981,18 +994,22 @@ def same_time_comparisons(
         path = data / dataset / f"{split}.csv"
         if dataset not in flags:  # one read of the split per dataset, for all its seeds
             flags[dataset] = same_time_flags(path)
-        mask = same_time_mask(flags[dataset], sft[0])
-        if mask is None:
+        masks = same_time_mask(flags[dataset], sft[0])
+        if masks is None:
             notes.append(f"{run_name(dataset, trained)}: no {path} matching the evaluated rows, no same-time split.")
             continue
+        mask, larger = masks
         if mask.all() or not mask.any():
             continue
+        parts = [("same_time", mask), ("other", ~mask)]
+        if larger is not None and (mask & larger).any() and (mask & ~larger).any():
+            parts += [("id_larger", mask & larger), ("id_not_larger", mask & ~larger)]
         for (d, t, method), (keys, values) in per_row.items():
             if (d, t) != (dataset, trained) or method == "sft":
                 continue
             stats.check_aligned(sft[0], keys, f"{run_name(d, t)}/sft", f"{run_name(d, t)}/{method}")
             line = {"dataset": dataset, "seed": trained, "method": method, "reference": "sft", "metric": metric}
-            for part, m in (("same_time", mask), ("other", ~mask)):
+            for part, m in parts:
                 c = stats.compare(sft[1][metric][m], values[metric][m], seed=seed)
                 line[part] = {
                     **c,
@@ -1002,6 +1019,39 @@ def same_time_comparisons(
                 }
             out.append(line)
     return out, notes
+
+
+def report_row_split(
+    report: Report,
+    lines: list[dict],
+    parts: tuple[str, str],
+    labels: tuple[str, str],
+    metric: str,
+    seeded: bool,
+    say: Callable[[str, int, int], str],
+) -> None:
+    """Two parts of the rows (`same_time_comparisons`' keys `parts`), each method against SFT on
+    `metric` in both: one paragraph per set of runs with the same rows (`say(names, n_first,
+    n_second)` writes it), then one table."""
+    first, second = parts
+    counted: dict[tuple, list[str]] = {}
+    for c in lines:
+        names = counted.setdefault((c["dataset"], c[first]["rows"], c[second]["rows"]), [])
+        if run_name(c["dataset"], c["seed"]) not in names:
+            names.append(run_name(c["dataset"], c["seed"]))
+    for (_, n_first, n_second), names in counted.items():
+        report.para(say(", ".join(names), n_first, n_second))
+    report.table(
+        ["dataset", *(["seed"] if seeded else []), "method", "vs",
+         *(x for label in labels for x in (f"{label}: {metric.upper()}", "difference [95% CI]", "verdict"))],
+        [
+            [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"], c["reference"],
+             *(x for part in parts for x in (
+                 f"{_fmt(c[part]['value'])} vs {_fmt(c[part]['reference_value'])}", _diff_ci(c[part]),
+                 _verdict(c[part])))]
+            for c in lines
+        ],
+    )  # fmt: skip
 
 
 def machines_line(rows: list[dict]) -> str:
@@ -1196,31 +1246,28 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     notes += time_notes
     if by_time:
         report.heading("Rows whose target shares the last history item's timestamp")
-        counted: dict[tuple, list[str]] = {}  # one paragraph for the runs with the same rows
-        for c in by_time:
-            names = counted.setdefault((c["dataset"], c["same_time"]["rows"], c["other"]["rows"]), [])
-            if run_name(c["dataset"], c["seed"]) not in names:
-                names.append(run_name(c["dataset"], c["seed"]))
-        for (_, n_same, n_other), names in counted.items():
-            report.para(
-                f"{', '.join(names)}: {n_same} of {n_same + n_other} {split} rows "
-                f"({n_same / (n_same + n_other):.0%}) have a target with the timestamp of the row's last history "
-                "item (the same second on MovieLens, the same day on Amazon reviews): such events are often "
-                "consumed together, and their order within the timestamp is the data's (header), not the user's. "
-                f"Each method against SFT on {sel.upper()}, on those rows and on the others, paired."
-            )
-        report.table(
-            ["dataset", *(["seed"] if seeded else []), "method", "vs", f"same time: {sel.upper()}",
-             "difference [95% CI]", "verdict", f"other rows: {sel.upper()}", "difference [95% CI]", "verdict"],
-            [
-                [c["dataset"], *([str(c["seed"])] if seeded else []), c["method"], c["reference"],
-                 f"{_fmt(c['same_time']['value'])} vs {_fmt(c['same_time']['reference_value'])}",
-                 _diff_ci(c["same_time"]), _verdict(c["same_time"]),
-                 f"{_fmt(c['other']['value'])} vs {_fmt(c['other']['reference_value'])}",
-                 _diff_ci(c["other"]), _verdict(c["other"])]
-                for c in by_time
-            ],
+        report_row_split(
+            report, by_time, ("same_time", "other"), ("same time", "other rows"), sel, seeded,
+            lambda names, n, m: (
+                f"{names}: {n} of {n + m} {split} rows ({n / (n + m):.0%}) have a target with the timestamp of "
+                "the row's last history item (the same second on MovieLens, the same day on Amazon reviews): "
+                "such events are often consumed together, and their order within the timestamp is the data's "
+                f"(header), not the user's. Each method against SFT on {sel.upper()}, on those rows and on the "
+                "others, paired."
+            ),
         )  # fmt: skip
+        by_id = [c for c in by_time if "id_larger" in c]
+        if by_id:
+            report.heading("Same-time rows by raw item id order", level=3)
+            report_row_split(
+                report, by_id, ("id_larger", "id_not_larger"), ("larger id", "not larger"), sel, seeded,
+                lambda names, n, m: (
+                    f"{names}: of those same-time {split} rows, {n} ({n / (n + m):.0%}) have a target whose raw "
+                    "item id is larger than the last history item's. Where the data put same-time events in raw "
+                    "id order (header), a model can learn that order; a gain over SFT that sits only on the "
+                    f"larger-id rows is that order, not the users. {sel.upper()} against SFT on each part, paired."
+                ),
+            )  # fmt: skip
 
     bench = read_benchmarks(benchmarks)
     with atomic_path(out / "figures") as fig_dir:

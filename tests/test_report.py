@@ -286,11 +286,13 @@ def test_header_says_how_same_time_events_were_ordered(tmp_path):
     assert "Warning" not in header({"same_time_pairs": 0.1, "same_time_order": {"pairs": 120, "later_id_larger": 0.65}})
 
 
-def _split_rows(same_time: set[int]) -> list[dict]:
+def _split_rows(same_time: set[int], history_asin: dict[int, str] | None = None) -> list[dict]:
     """ROWS as a D3 test split: row i's target at time 50 + i, its history item at 50 + i
-    when i is in `same_time`, else at 10."""
+    when i is in `same_time`, else at 10. Raw ids: the target's 100 + i, the history item's i
+    (smaller) unless `history_asin` names it."""
+    history_asin = history_asin or {}
     return [
-        {"user_id": r["user_id"], "item_asins": [str(r["user_id"])], "item_asin": str(r["item_id"]),
+        {"user_id": r["user_id"], "item_asins": [history_asin.get(i, str(r["user_id"]))], "item_asin": str(r["item_id"]),
          "history_item_id": r["history_item_id"], "item_id": r["item_id"], "history_item_title": ["h"],
          "item_title": "t", "history_rating": [5.0], "rating": 5.0,
          "history_timestamp": [50 + i if i in same_time else 10], "timestamp": 50 + i}
@@ -327,6 +329,31 @@ def test_methods_against_sft_on_same_time_rows_and_the_others(tmp_path):
     assert by["pop"]["same_time"]["diff"] == 0 and by["pop"]["other"]["verdict"] == "no difference"
     assert "tiny: 10 of 30 test rows (33%) have a target with the timestamp of the row's last history item" in md
     assert "| tiny | rere | sft | 1.0000 vs 0.6309 | +0.3691 [+0.3691, +0.3691] | higher * | 0.7232 vs 0.1577 |" in md
+    # every same-time target has the larger raw id (100 + i > i): no split by id order
+    assert "id_larger" not in r and "by raw item id order" not in md
+
+    # Same-time rows 0-1 after a history item with the larger raw id 999 (numeric, as stats.json
+    # counts it: 999 > 100, 101), row 2 after its own target's id 102 (not larger), rows 3-9 after
+    # the smaller i; row 20 (not same-time) after 999 too.
+    write_split(split, _split_rows(set(range(10)), {0: "999", 1: "999", 2: "102", 20: "999"}))
+    by, md = run()
+    r = by["rere"]
+    assert (r["id_larger"]["rows"], r["id_not_larger"]["rows"]) == (7, 3)
+    assert r["same_time"]["rows"] == 10 and r["other"]["rows"] == 20  # the first split is unchanged
+    # rere 1.0 vs sft 1/log2(3) on every same-time row: the same difference on both parts, but 3 rows
+    # cannot reach p < 0.05 (exact sign flips: 2 / 2^3; the CI alone excludes 0) and 7 can (2 / 2^7)
+    for part, n, verdict in (("id_larger", 7, "higher"), ("id_not_larger", 3, "borderline")):
+        assert r[part]["diff"] == pytest.approx(1 - 1 / math.log2(3))
+        assert r[part]["p"] == pytest.approx(2 / 2**n) and r[part]["verdict"] == verdict
+    # sasrec: rank 3 on rows 0-19, 0.5 - 0.6309 on both parts
+    assert by["sasrec"]["id_not_larger"]["value"] == pytest.approx(0.5)
+    assert "### Same-time rows by raw item id order" in md
+    assert "of those same-time test rows, 7 (70%) have a target whose raw item id is larger" in md
+    assert "| tiny | rere | sft | 1.0000 vs 0.6309 | +0.3691 [+0.3691, +0.3691] | higher * | 1.0000 vs 0.6309 |" in md
+    write_split(split, _split_rows(set(range(10)), {4: ""}))  # a same-time row without a raw id
+    by, md = run()
+    assert by["rere"]["same_time"]["rows"] == 10 and "id_larger" not in by["rere"]
+    assert "by raw item id order" not in md
 
     write_split(split, _split_rows(set(range(30))))  # every row same-time: nothing to split
     by, md = run()
