@@ -159,7 +159,8 @@ def test_micro_batches_cut_one_rollout_into_accumulation_steps(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("loss", "loss_type", "level"), [("grpo", "grpo", "token"), ("dapo", "dapo", "token"), ("gspo", "grpo", "sequence")]
+    ("loss", "loss_type", "level"),
+    [("grpo", "grpo", "token"), ("dapo", "dapo", "token"), ("gspo", "grpo", "sequence"), ("rft", "grpo", "token")],
 )
 def test_grpo_args_set_what_trl_defaults_differently(tmp_path, loss, loss_type, level):
     config = load_config([TINY], ["rl.beta=0.001", f"rl.variants.x={{sampling: sample, reward: rule, loss: {loss}}}"])
@@ -411,6 +412,51 @@ def test_micro_batches_give_the_same_step(tiny, tmp_path, variant, knobs):
         torch.testing.assert_close(split[1][name], one[1][name], rtol=1e-5, atol=1e-8, msg=name)
     for name in one[0]:
         torch.testing.assert_close(split[0][name], one[0][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_rft_step_is_the_cross_entropy_of_the_targets_in_the_groups_that_hold_them(tiny, tmp_path):
+    """loss rft: the advantages are 1 on the completion that names the group's target and 0 on
+    the others, so (beta 0, no clipping) the step's gradient is, by hand from the start model,
+    the sum over the groups holding their target of the target completion's mean per-token
+    cross-entropy, divided by the B x G completions of the batch."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    from rere.model import load_model
+
+    grads, logged = {}, []
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    set_seed(0)
+    inp, trainer = make_trainer(
+        tiny, tmp_path, "rl.variants.rere={sampling: beam, reward: rule, loss: rft}", "rl.batch_prompts=4",
+        "rl.beta=0", "rl.sync_ref_model=false", "rl.max_grad_norm=1e9", "rl.filter_groups=true",
+        "rl.filter_max_prompts=8",
+    )  # fmt: skip
+    trainer.add_callback(Grads())
+    log_groups = trainer._log_groups
+    trainer._log_groups = lambda adv: (logged.append(adv.detach().clone()), log_groups(adv))
+    trainer.train()
+    groups, g = trainer._rere_groups, 8
+    hits = [[float(item == grp["target"]) for item in grp["items"]] for grp in groups]
+    assert logged[0].tolist() == [h for row in hits for h in row]
+    assert 1 <= sum(map(sum, hits)) < len(groups) * g  # some groups hold their target, each once
+
+    model, tokenizer, _ = load_model(tiny / "models/tiny/base", for_training=True)
+    pos_of = {item: p for p, item in enumerate(inp.index.item_ids)}
+    for grp in groups:
+        if grp["target"] in grp["items"]:
+            prompt = tokenizer(text=[inp.train[grp["row"]]["prompt"]])["input_ids"][0]
+            completion = list(inp.item_seqs[pos_of[grp["target"]]])
+            ids = torch.tensor([prompt + completion])
+            labels = torch.tensor([[-100] * len(prompt) + completion])
+            (model(input_ids=ids, labels=labels).loss / (len(groups) * g)).backward()
+    for name, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grads.get(name, torch.zeros_like(p)), expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_float32_training_of_a_bf16_start_model(tiny, tmp_path):

@@ -14,6 +14,10 @@ LOSSES = {
     "grpo": ("grpo", "token"),  # per-sequence mean of token terms, then mean over sequences
     "dapo": ("dapo", "token"),  # token-level normalisation over the whole batch
     "gspo": ("grpo", "sequence"),  # one length-normalised ratio per sequence (GSPO paper setup)
+    # Rejection-sampling fine-tuning, the ablation of the policy gradient: the completion that
+    # names the target gets advantage 1, every other 0 (ReReTrainer), so grpo's loss is the
+    # cross-entropy of the target's completion in each group that holds it, divided by G.
+    "rft": ("grpo", "token"),
 }
 
 

@@ -19,7 +19,11 @@ GRPOTrainer, and only those two are replaced here (`ReReTrainer`):
 Everything else comes from TRL options: group-normalised advantages (scale_rewards "group"),
 the clipped policy-gradient loss (`loss: grpo` -> loss_type "grpo", `dapo` -> "dapo", `gspo`
 -> loss_type "grpo" with importance_sampling_level "sequence"), the k3 KL penalty to a
-reference model (beta), reference sync, logging, checkpoints.
+reference model (beta), reference sync, logging, checkpoints. `loss: rft` (rejection-sampling
+fine-tuning) keeps all of it but the advantages: 1 for the completion that names the target,
+0 for the others, i.e. the cross-entropy of the target in the groups whose completions hold it
+(the same groups GRPO learns from): what the prompts chosen by the rollout give without the
+policy gradient's negatives.
 
 Several processes (`accelerate launch --num_processes N`): TRL's sampler spreads a prompt's G
 copies over consecutive positions of the global batch, so a group can straddle two processes.
@@ -132,6 +136,7 @@ def build_trainer(
         decode_batch_prompts=s.decode_batch_prompts,
         rollout_log=rollout_log,
         filter_prompts=s.filter_max_prompts if s.filter_groups else 0,
+        target_advantage=s.loss == "rft",
     )
 
 

@@ -51,6 +51,7 @@ class ReReTrainer(GRPOTrainer):
         rollout_log: Path | None = None,
         filter_prompts: int = 0,
         decode_batch_prompts: int | None = None,
+        target_advantage: bool = False,
         **kwargs,
     ):
         self.rere_index = index
@@ -65,6 +66,8 @@ class ReReTrainer(GRPOTrainer):
         # rewards are not all equal (0: off, train on the sampled batch as it is).
         self.rere_filter_prompts = filter_prompts
         self._rere_predecoded: dict[int, list[tuple[int, float]]] = {}
+        # loss rft: advantage 1 for the completion that names the target, 0 for the others
+        self.rere_target_advantage = target_advantage
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*'rollout_func'.*experimental")
             super().__init__(*args, rollout_func=self._rollout, **kwargs)
@@ -84,8 +87,17 @@ class ReReTrainer(GRPOTrainer):
         finally:
             self._rere_inputs = None
             self._rere_predecoded = {}
+        if self.rere_target_advantage:
+            output["advantages"] = self._target_advantages(output["advantages"])
         self._log_groups(output["advantages"])
         return output
+
+    def _target_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
+        """`loss: rft`: this process's advantages replaced by 1 for each completion that names
+        its group's target and 0 for the others (TRL's process slice of the global batch)."""
+        hits = [float(item == grp["target"]) for grp in self._rere_groups for item in grp["items"]]
+        start = self.accelerator.process_index * len(advantages)
+        return torch.tensor(hits[start : start + len(advantages)], dtype=advantages.dtype, device=advantages.device)
 
     # ------------------------------------------------------------------------------------------
     # DAPO-style dynamic sampling: spend the step on groups that carry an advantage
