@@ -89,7 +89,7 @@ def test_lint_and_format_are_clean():
 
 def test_default_dag_has_one_job_per_dataset_and_method(default_jobs):
     config = load_config()
-    variants = list(config["rl"]["variants"])  # rere, beam_rule, grpo
+    variants = list(config["rl"]["variants"])  # rere, beam_rule, grpo, beam_rft
     baselines = config["baselines"]["methods"]  # pop, sasrec
     assert Counter(j["rule"] for j in default_jobs) == {
         "data": 1,
