@@ -1244,30 +1244,30 @@ def build(config: dict, results: Path, models: Path, benchmarks: Path, out: Path
     runs = list(dict.fromkeys((d, t) for d, t, _ in per_row))
     by_time, time_notes = same_time_comparisons(per_row, runs, data, split, sel, seed)
     notes += time_notes
-    if by_time:
-        report.heading("Rows whose target shares the last history item's timestamp")
-        report_row_split(
-            report, by_time, ("same_time", "other"), ("same time", "other rows"), sel, seeded,
-            lambda names, n, m: (
-                f"{names}: {n} of {n + m} {split} rows ({n / (n + m):.0%}) have a target with the timestamp of "
-                "the row's last history item (the same second on MovieLens, the same day on Amazon reviews): "
-                "such events are often consumed together, and their order within the timestamp is the data's "
-                f"(header), not the user's. Each method against SFT on {sel.upper()}, on those rows and on the "
-                "others, paired."
-            ),
-        )  # fmt: skip
-        by_id = [c for c in by_time if "id_larger" in c]
-        if by_id:
-            report.heading("Same-time rows by raw item id order", level=3)
-            report_row_split(
-                report, by_id, ("id_larger", "id_not_larger"), ("larger id", "not larger"), sel, seeded,
-                lambda names, n, m: (
-                    f"{names}: of those same-time {split} rows, {n} ({n / (n + m):.0%}) have a target whose raw "
-                    "item id is larger than the last history item's. Where the data put same-time events in raw "
-                    "id order (header), a model can learn that order; a gain over SFT that sits only on the "
-                    f"larger-id rows is that order, not the users. {sel.upper()} against SFT on each part, paired."
-                ),
-            )  # fmt: skip
+    # the same-time rows against the others, then the same-time rows split by raw id order
+    row_splits = [
+        ("Rows whose target shares the last history item's timestamp", 2, by_time,
+         ("same_time", "other"), ("same time", "other rows"),
+         lambda names, n, m: (
+             f"{names}: {n} of {n + m} {split} rows ({n / (n + m):.0%}) have a target with the timestamp of "
+             "the row's last history item (the same second on MovieLens, the same day on Amazon reviews): "
+             "such events are often consumed together, and their order within the timestamp is the data's "
+             f"(header), not the user's. Each method against SFT on {sel.upper()}, on those rows and on the "
+             "others, paired."
+         )),
+        ("Same-time rows by raw item id order", 3, [c for c in by_time if "id_larger" in c],
+         ("id_larger", "id_not_larger"), ("larger id", "not larger"),
+         lambda names, n, m: (
+             f"{names}: of those same-time {split} rows, {n} ({n / (n + m):.0%}) have a target whose raw "
+             "item id is larger than the last history item's. Where the data put same-time events in raw "
+             "id order (header), a model can learn that order; a gain over SFT that sits only on the "
+             f"larger-id rows is that order, not the users. {sel.upper()} against SFT on each part, paired."
+         )),
+    ]  # fmt: skip
+    for heading, level, lines, parts, labels, say in row_splits:
+        if lines:
+            report.heading(heading, level)
+            report_row_split(report, lines, parts, labels, sel, seeded, say)
 
     bench = read_benchmarks(benchmarks)
     with atomic_path(out / "figures") as fig_dir:
