@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from rere import RereError, stats
-from rere.data.corpus import num_key
+from rere.data.splits import later_id_larger
 from rere.io import atomic_path, read_json, read_jsonl, read_resolved_config, read_split
 from rere.machine import summary
 
@@ -940,7 +940,7 @@ def data_warnings(data: Path, config: dict) -> list[str]:
 def same_time_flags(path: Path) -> dict[tuple, tuple[bool, bool | None] | None] | None:
     """Per row key of the split file at `path` (user, target, history): `(same, larger)`, whether
     the target has the timestamp of the row's last history item, and whether the target's raw id
-    is larger than that item's (`num_key`, as stats.json's `same_time_order` counts it; None
+    is larger than that item's (`later_id_larger`, as stats.json's `same_time_order` counts it; None
     without both raw ids). None for a key whose rows disagree; None without the file.
 
     Same-time rows are where same-time events sit (same second on MovieLens, same day on Amazon
@@ -955,7 +955,7 @@ def same_time_flags(path: Path) -> dict[tuple, tuple[bool, bool | None] | None] 
         key = (str(r["user_id"]), int(r["item_id"]), tuple(int(x) for x in r["history_item_id"]))
         same = bool(r["history_timestamp"]) and int(r["timestamp"]) == int(r["history_timestamp"][-1])
         last, target = (str(r["item_asins"][-1]) if r["item_asins"] else ""), str(r["item_asin"])
-        larger = num_key(target) > num_key(last) if last and target else None
+        larger = later_id_larger(last, target) if last and target else None
         if flag.setdefault(key, (same, larger)) != (same, larger):
             flag[key] = None
     return flag

@@ -108,6 +108,16 @@ def same_time_share(seqs: dict[str, list[tuple[str, float, int]]]) -> float:
     return sum(1 for a, b in pairs if a == b) / len(pairs) if pairs else 0.0
 
 
+def later_id_larger(earlier: str, later: str) -> bool:
+    """Whether the later of two raw ids is the larger (`num_key`: integers numerically, other
+    ids as text after them): the order `same_time_order` and the report's id split count.
+
+    >>> later_id_larger("9", "10"), later_id_larger("B0", "1593593147"), later_id_larger("7", "7")
+    (True, False, False)
+    """
+    return num_key(later) > num_key(earlier)
+
+
 def same_time_order(splits: dict[str, list[dict]]) -> dict:
     """How same-time events sit in written rows, over the distinct consecutive pairs of every
     row (its history items, then its target; raw ids from `item_asins`/`item_asin`, pairs with
@@ -131,7 +141,7 @@ def same_time_order(splits: dict[str, list[dict]]) -> dict:
                 if a and b:
                     seen.add((r["user_id"], str(a), str(b), int(ta), int(tb)))
     tied = [(a, b) for _, a, b, ta, tb in seen if ta == tb]
-    larger = sum(1 for a, b in tied if num_key(b) > num_key(a))
+    larger = sum(1 for a, b in tied if later_id_larger(a, b))
     return {
         "share": round(len(tied) / len(seen), 4) if seen else 0.0,
         "pairs": len(tied),
